@@ -1,0 +1,55 @@
+"""Guard configuration (pydantic)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Mode = Literal["auto", "dataset", "sample", "off"]
+Positions = Literal["all", "text", "last"]
+Stacking = Literal["incremental", "independent"]
+
+
+class CorruptionSpec(BaseModel):
+    """The meaningless image ``img'`` of the shift ``Δ = h(x, img') − h(x)``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["blank", "noise"] = "blank"
+    seed: int = 0
+
+    @property
+    def tag(self) -> str:
+        """Stable text form, used in shift metadata and store keys."""
+        return "blank" if self.kind == "blank" else f"noise-seed{self.seed}"
+
+
+class GuardConfig(BaseModel):
+    """How CMRM corrects a multimodal call.
+
+    * ``alpha`` - strength: the corrected state is ``h − alpha·Δ``; 0 leaves the model untouched.
+    * ``layers`` - decoder layers to edit (negative indices count from the end).
+    * ``positions`` - which token positions are edited: ``last`` (the last prompt token and every
+      generated token), ``text`` (every non-image token and every generated token) or ``all``.
+    * ``stacking`` - with several edited layers, ``incremental`` subtracts at each layer only the
+      shift added since the previous edited layer (per-layer shifts are cumulative along the
+      residual stream); ``independent`` subtracts each layer's full shift, as written in the paper.
+    * ``mode`` - ``dataset`` (cached vector), ``sample`` (two reference passes per call),
+      ``auto`` (dataset when one is loaded, else sample) or ``off``.
+    * ``on_unavailable`` - when the guard cannot apply: ``fail_closed`` raises
+      :class:`~guardrail.errors.GuardUnavailableError`; ``unguarded`` answers without the guard and
+      says so in the decision record.
+
+    The defaults come from the measurement recorded in ``docs/defaults.md``.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    alpha: float = Field(default=1.0, ge=0.0, le=10.0)
+    layers: tuple[int, ...] = (-1,)
+    positions: Positions = "last"
+    stacking: Stacking = "incremental"
+    corruption: CorruptionSpec = CorruptionSpec()
+    mode: Mode = "auto"
+    on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"

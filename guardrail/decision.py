@@ -1,0 +1,39 @@
+"""Safety decision records: one per request, logged as a JSON line on ``guardrail.decisions``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+DECISION_LOGGER = logging.getLogger("guardrail.decisions")
+
+ModeUsed = Literal["dataset", "sample", "off", "text-only", "unguarded"]
+
+
+class GuardDecision(BaseModel):
+    """What the guard did for one request, and why. Never contains prompt text or image bytes."""
+
+    call_id: str
+    model: str = Field(description="model fingerprint id")
+    multimodal: bool
+    guarded: bool = Field(description="True when a correction was applied to this request")
+    mode_requested: str
+    mode_used: ModeUsed
+    alpha: float
+    layers: list[int]
+    positions: str
+    stacking: str
+    shift_id: str | None = Field(default=None, description="checksum prefix of the shift used")
+    shift_level: Literal["dataset", "sample"] | None = None
+    shift_norm: float | None = Field(default=None, description="‖Δ‖ at the last edited layer")
+    fallbacks: list[str] = Field(default_factory=list)
+    reason: str
+    added_latency_ms: float = 0.0
+
+
+def log_decision(decision: GuardDecision) -> None:
+    """Emit ``decision`` as one JSON line on the ``guardrail.decisions`` logger."""
+    level = logging.INFO if decision.guarded or not decision.multimodal else logging.WARNING
+    DECISION_LOGGER.log(level, decision.model_dump_json())

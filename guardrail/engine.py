@@ -1,0 +1,372 @@
+"""GuardedVLM: a local image-text-to-text model with CMRM applied to every multimodal call."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+from guardrail.config import GuardConfig, Mode
+from guardrail.decision import GuardDecision, log_decision
+from guardrail.errors import (
+    DecoderNotFoundError,
+    GuardUnavailableError,
+    InvalidInputError,
+    ShiftMismatchError,
+)
+from guardrail.fingerprint import fingerprint_model
+from guardrail.hooks import CapturePlan, CorrectionPlan, DecoderHooks
+from guardrail.images import ImageInput
+from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
+from shift_store import ShiftMeta, ShiftVector
+
+__version__ = "0.1.0"
+
+
+class Usage(BaseModel):
+    """Token counts of one request."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class GuardedOutput:
+    """The answer to one request, with the guard's decision record."""
+
+    text: str
+    token_ids: list[int]
+    decision: GuardDecision
+    usage: Usage
+
+
+@dataclass
+class _RowPlan:
+    """How one request of a batch is guarded (internal)."""
+
+    rendering: Rendering
+    decision: GuardDecision
+    shift: ShiftVector | None = None
+
+
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of ``model``, found through its own ``get_decoder()`` API."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    for candidate in (decoder, getattr(decoder, "text_model", None)):
+        layers = getattr(candidate, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise DecoderNotFoundError(
+        f"{type(model).__name__} exposes no decoder layers through get_decoder(); "
+        "CMRM needs the text decoder's layer list"
+    )
+
+
+def _default_image_size(processor: Any) -> tuple[int, int]:
+    image_processor = getattr(processor, "image_processor", None)
+    for attribute in ("crop_size", "size"):
+        size = getattr(image_processor, attribute, None) or {}
+        if "height" in size and "width" in size:
+            return int(size["width"]), int(size["height"])
+        if "shortest_edge" in size:
+            return int(size["shortest_edge"]), int(size["shortest_edge"])
+    return 336, 336
+
+
+class GuardedVLM:
+    """A vision-language model whose multimodal calls are corrected with CMRM.
+
+    Text-only calls pass through untouched. Every call returns a :class:`GuardDecision`, also
+    logged on the ``guardrail.decisions`` logger. Safe to share between threads.
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: Any,
+                 config: GuardConfig | None = None) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.config = config or GuardConfig()
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer.padding_side = "left"  # last prompt token at position -1 for every row
+        self._layers = find_decoder_layers(model)
+        self.num_layers = len(self._layers)
+        self.hidden_size = int(model.config.get_text_config().hidden_size)
+        self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
+        self.image_token_id = getattr(model.config, "image_token_id", None)
+        if self.image_token_id is None:
+            self.image_token_id = getattr(model.config, "image_token_index", None)
+        self.default_image_size = _default_image_size(processor)
+        self._hooks = DecoderHooks(self._layers)
+        self._dataset_shift: ShiftVector | None = None
+        self.layer_indices(self.config)  # validate the configured layers now
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, config: GuardConfig | None = None, *,
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, revision: str | None = None,
+                        **model_kwargs: Any) -> GuardedVLM:
+        """Load a hub name or local folder through ``AutoModelForImageTextToText``."""
+        processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, revision=revision, dtype=dtype or "auto", **model_kwargs
+        )
+        if device is not None:
+            model = model.to(device)
+        return cls(model, processor, config)
+
+    # ----------------------------------------------------------------- shift vectors
+
+    @property
+    def dataset_shift(self) -> ShiftVector | None:
+        """The dataset-level shift in use, if any."""
+        return self._dataset_shift
+
+    def check_shift(self, shift: ShiftVector) -> None:
+        """Raise :class:`ShiftMismatchError` unless ``shift`` was computed on this model."""
+        expected = (self.num_layers, self.hidden_size)
+        if tuple(shift.vectors.shape) != expected:
+            raise ShiftMismatchError(
+                f"shift has shape {tuple(shift.vectors.shape)}, model needs {expected}"
+            )
+        if shift.meta.model.id != self.fingerprint.id:
+            raise ShiftMismatchError(
+                f"shift belongs to model {shift.meta.model.name_or_path} "
+                f"({shift.meta.model.id}), not {self.fingerprint.name_or_path} "
+                f"({self.fingerprint.id})"
+            )
+
+    def set_dataset_shift(self, shift: ShiftVector | None) -> None:
+        """Use ``shift`` for dataset-level correction (checked against this model)."""
+        if shift is not None:
+            self.check_shift(shift)
+        self._dataset_shift = shift
+
+    def compute_dataset_shift(self, samples: Iterable[str | GuardRequest], *,
+                              batch_size: int = 8, anchor_name: str | None = None,
+                              progress: bool = True, activate: bool = True) -> ShiftVector:
+        """Average ``Δ = h(x, img') − h(x)`` over an anchor data set, streaming in batches.
+
+        Memory is flat in the number of samples: only a running float64 sum is kept. With
+        ``activate`` the result becomes this model's dataset-level shift.
+        """
+        total = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float64)
+        count = 0
+        size = len(samples) if isinstance(samples, Sequence) else None
+        with tqdm(total=size, desc="calibrating", unit="sample", disable=not progress) as bar:
+            for chunk in _batched(samples, batch_size):
+                requests = [GuardRequest(s) if isinstance(s, str) else s for s in chunk]
+                renderings = [render_request(r) for r in requests]
+                total += self._reference_shifts(renderings).sum(dim=1).double().cpu()
+                count += len(renderings)
+                bar.update(len(renderings))
+        if count == 0:
+            raise InvalidInputError("the anchor data set is empty")
+        shift = self._make_shift((total / count).float(), "dataset", count, anchor_name)
+        if activate:
+            self.set_dataset_shift(shift)
+        return shift
+
+    def compute_sample_shift(self, prompt: str | Sequence[dict], images: Sequence[ImageInput] = (),
+                             ) -> ShiftVector:
+        """``Δ`` for this very input (two prefill-only passes, no generation)."""
+        rendering = render_request(GuardRequest(prompt, images))
+        return self._make_shift(self._reference_shifts([rendering])[:, 0].cpu(), "sample", 1)
+
+    def _make_shift(self, vectors: torch.Tensor, level: str, size: int,
+                    anchor_name: str | None = None) -> ShiftVector:
+        meta = ShiftMeta(
+            model=self.fingerprint, level=level, corruption=self.config.corruption.tag,
+            anchor_name=anchor_name, anchor_size=size, library_version=__version__,
+        )
+        return ShiftVector(vectors=vectors.float().contiguous(), meta=meta)
+
+    @torch.no_grad()
+    def last_token_states(self, renderings: Sequence[Rendering]) -> torch.Tensor:
+        """Every layer's hidden state at the last prompt token: ``[num_layers, batch, hidden]``."""
+        plan = CapturePlan(range(self.num_layers))
+        inputs = self._encode(renderings)
+        with self._hooks.activate(plan):
+            self.model(**inputs, use_cache=False, logits_to_keep=1)
+        return plan.stacked(range(self.num_layers))
+
+    def _reference_shifts(self, renderings: Sequence[Rendering]) -> torch.Tensor:
+        """``h(x, img') − h(x)`` per layer and row: ``[num_layers, batch, hidden]`` float32."""
+        spec, size = self.config.corruption, self.default_image_size
+        with_corruption = self.last_token_states([corrupted(r, spec, size) for r in renderings])
+        return with_corruption - self.last_token_states([text_only(r) for r in renderings])
+
+    # ----------------------------------------------------------------- generation
+
+    def layer_indices(self, config: GuardConfig) -> list[int]:
+        """The configured layers as sorted non-negative indices."""
+        indices = sorted({i % self.num_layers for i in config.layers
+                          if -self.num_layers <= i < self.num_layers})
+        if len(indices) != len(set(config.layers)) or not indices:
+            raise InvalidInputError(
+                f"layers {list(config.layers)} out of range for {self.num_layers} decoder layers"
+            )
+        return indices
+
+    def generate(self, prompt: str | Sequence[dict], images: Sequence[ImageInput] = (), *,
+                 alpha: float | None = None, mode: Mode | None = None,
+                 shift: ShiftVector | None = None, **generation: Any) -> GuardedOutput:
+        """Generate one guarded answer. ``generation`` goes to ``model.generate``."""
+        request = GuardRequest(prompt, images, alpha=alpha, mode=mode, shift=shift)
+        return self.generate_batch([request], **generation)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128,
+                       **generation: Any) -> list[GuardedOutput]:
+        """Generate for several requests in one batched pass, each with its own correction."""
+        if not requests:
+            return []
+        started = time.perf_counter()
+        rows = [self._plan_row(request) for request in requests]
+        self._add_sample_shifts(rows, started)
+        inputs = self._encode([row.rendering for row in rows])
+        shifts = self._row_shifts(rows)
+        guard_ms = (time.perf_counter() - started) * 1e3
+        generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens,
+                      "use_cache": True}
+        generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if shifts is None:
+            output = self.model.generate(**inputs, **generation)
+        else:
+            plan = CorrectionPlan(self.layer_indices(self.config), shifts,
+                                  self._prefill_mask(inputs))
+            with self._hooks.activate(plan):
+                output = self.model.generate(**inputs, **generation)
+        return self._outputs(rows, inputs, output, guard_ms)
+
+    def _plan_row(self, request: GuardRequest) -> _RowPlan:
+        cfg = self.config
+        rendering = render_request(request)
+        mode = request.mode or cfg.mode
+        alpha = cfg.alpha if request.alpha is None else float(request.alpha)
+        decision = GuardDecision(
+            call_id=uuid.uuid4().hex, model=self.fingerprint.id,
+            multimodal=rendering.multimodal, guarded=False, mode_requested=mode,
+            mode_used="text-only", alpha=alpha, layers=self.layer_indices(cfg),
+            positions=cfg.positions, stacking=cfg.stacking, reason="no image: passed through",
+        )
+        row = _RowPlan(rendering, decision)
+        if not rendering.multimodal:
+            return row
+        if mode == "off" or alpha == 0.0:
+            decision.mode_used, decision.reason = "off", f"mode={mode}, alpha={alpha}"
+            return row
+        shift = request.shift or self._dataset_shift
+        if mode in ("dataset", "auto") and shift is not None:
+            self.check_shift(shift)
+            row.shift = shift
+            decision.mode_used, decision.guarded = "dataset", True
+            decision.reason = "dataset-level shift"
+        elif mode == "dataset":
+            self._unavailable(decision, "mode=dataset but no dataset-level shift is loaded")
+        else:
+            if mode == "auto":
+                decision.fallbacks.append("no dataset-level shift loaded: sample level")
+            decision.mode_used, decision.guarded = "sample", True
+            decision.reason = "sample-level shift"
+        return row
+
+    def _unavailable(self, decision: GuardDecision, why: str) -> None:
+        decision.fallbacks.append(why)
+        decision.guarded, decision.mode_used = False, "unguarded"
+        decision.reason = f"guard unavailable: {why}"
+        if self.config.on_unavailable == "fail_closed":
+            decision.reason += " (failed closed)"
+            log_decision(decision)
+            raise GuardUnavailableError(decision.reason, decision)
+        decision.reason += " (answered unguarded by configuration)"
+
+    def _add_sample_shifts(self, rows: list[_RowPlan], started: float) -> None:
+        sample_rows = [row for row in rows if row.decision.mode_used == "sample"]
+        if not sample_rows:
+            return
+        try:
+            deltas = self._reference_shifts([row.rendering for row in sample_rows]).cpu()
+        except (RuntimeError, ValueError) as e:  # e.g. out of memory in the reference passes
+            for row in sample_rows:
+                self._unavailable(row.decision, f"sample-level passes failed: {e}")
+            return
+        for i, row in enumerate(sample_rows):
+            row.shift = self._make_shift(deltas[:, i], "sample", 1)
+
+    def _row_shifts(self, rows: list[_RowPlan]) -> torch.Tensor | None:
+        """Per-row ``α·Δ`` at the edited layers, ``[layers, batch, hidden]``; None if all zero."""
+        layers = self.layer_indices(self.config)
+        shifts = torch.zeros(len(layers), len(rows), self.hidden_size)
+        for i, row in enumerate(rows):
+            if row.shift is None or not row.decision.guarded:
+                continue
+            delta = row.shift.vectors[layers]
+            row.decision.shift_id = row.shift.checksum[:12]
+            row.decision.shift_level = row.shift.meta.level
+            row.decision.shift_norm = float(delta[-1].norm())
+            if self.config.stacking == "incremental":
+                delta = torch.cat([delta[:1], delta[1:] - delta[:-1]])
+            shifts[:, i] = row.decision.alpha * delta
+        if not any(row.decision.guarded for row in rows):
+            return None
+        return shifts.to(device=self.model.device, dtype=self.model.dtype)
+
+    def _encode(self, renderings: Sequence[Rendering]) -> dict[str, torch.Tensor]:
+        texts = [
+            self.processor.apply_chat_template(r.messages, add_generation_prompt=True,
+                                               tokenize=False)
+            for r in renderings
+        ]
+        images = [image for r in renderings for image in r.images]
+        inputs = self.processor(text=texts, images=images or None, padding=True,
+                                return_tensors="pt")
+        return inputs.to(self.model.device)
+
+    def _prefill_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        attention = inputs["attention_mask"].bool()
+        if self.config.positions == "all":
+            return attention
+        if self.config.positions == "text":
+            return attention & (inputs["input_ids"] != self.image_token_id)
+        last = torch.zeros_like(attention)
+        last[:, -1] = True
+        return last
+
+    def _outputs(self, rows: list[_RowPlan], inputs: dict[str, torch.Tensor],
+                 output: torch.Tensor, guard_ms: float) -> list[GuardedOutput]:
+        prompt_length = inputs["input_ids"].shape[1]
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        results = []
+        for i, row in enumerate(rows):
+            tokens = output[i, prompt_length:].tolist()
+            cut = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
+            tokens = tokens[:cut]
+            if row.decision.guarded:
+                row.decision.added_latency_ms = round(guard_ms, 3)
+            log_decision(row.decision)
+            results.append(GuardedOutput(
+                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
+                token_ids=tokens,
+                decision=row.decision,
+                usage=Usage(prompt_tokens=prompt_tokens[i], completion_tokens=len(tokens),
+                            total_tokens=prompt_tokens[i] + len(tokens)),
+            ))
+        return results

@@ -1,0 +1,43 @@
+"""Typed errors raised by the engine. All derive from :class:`GuardrailError`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from guardrail.decision import GuardDecision
+
+
+class GuardrailError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class InvalidInputError(GuardrailError, ValueError):
+    """The request itself is malformed (bad prompt, images that do not fit the prompt)."""
+
+
+class InvalidImageError(InvalidInputError):
+    """An image could not be read: corrupt, truncated, not an image, or absurdly large."""
+
+
+class MissingImagePlaceholderError(InvalidInputError):
+    """Images were given but the prompt has fewer image placeholders than images."""
+
+
+class DecoderNotFoundError(GuardrailError, TypeError):
+    """The model exposes no decoder layers that the guard could edit."""
+
+
+class ShiftMismatchError(GuardrailError, ValueError):
+    """A shift vector belongs to another model, or its shape or dtype does not fit this one."""
+
+
+class GuardUnavailableError(GuardrailError, RuntimeError):
+    """The guard could not be applied and the policy is to fail closed.
+
+    ``decision`` is the safety decision record of the refused call.
+    """
+
+    def __init__(self, message: str, decision: GuardDecision | None = None) -> None:
+        super().__init__(message)
+        self.decision = decision

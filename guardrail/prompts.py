@@ -1,0 +1,104 @@
+"""Requests, and the three renderings CMRM needs: multimodal, text-only and corrupted."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from guardrail.config import CorruptionSpec, Mode
+from guardrail.errors import InvalidInputError, MissingImagePlaceholderError
+from guardrail.images import ImageInput, corruption_image, load_image
+from shift_store import ShiftVector
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class GuardRequest:
+    """One generation request.
+
+    ``prompt`` is a user text (images are placed before it) or a list of chat messages whose
+    content holds ``{"type": "image"}`` parts, one per image, in order. ``alpha``, ``mode`` and
+    ``shift`` override the model's :class:`~guardrail.GuardConfig` for this request only.
+    """
+
+    prompt: str | Sequence[Message]
+    images: Sequence[ImageInput] = ()
+    alpha: float | None = None
+    mode: Mode | None = None
+    shift: ShiftVector | None = None
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """Chat messages plus decoded images, ready for the processor."""
+
+    messages: list[Message]
+    images: list[Image.Image] = field(default_factory=list)
+
+    @property
+    def multimodal(self) -> bool:
+        return bool(self.images)
+
+
+def _is_image_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "image"
+
+
+def render_request(request: GuardRequest) -> Rendering:
+    """Validate ``request`` and decode its images (raises typed errors on bad input)."""
+    images = [load_image(image) for image in request.images]
+    if isinstance(request.prompt, str):
+        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
+        return Rendering([{"role": "user", "content": parts}], images)
+    messages = copy.deepcopy(list(request.prompt))
+    placeholders = 0
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise InvalidInputError("each message needs a 'role' and a 'content'")
+        if not isinstance(message["content"], str):
+            placeholders += sum(_is_image_part(p) for p in message["content"])
+    if placeholders < len(images):
+        raise MissingImagePlaceholderError(
+            f"{len(images)} image(s) given but the prompt has {placeholders} image placeholder(s);"
+            " add a {'type': 'image'} part for each image"
+        )
+    if placeholders > len(images):
+        raise InvalidInputError(
+            f"the prompt has {placeholders} image placeholder(s) but {len(images)} image(s)"
+        )
+    return Rendering(messages, images)
+
+
+def text_only(rendering: Rendering) -> Rendering:
+    """The same conversation with every image part removed: the input ``x`` of ``h(x)``."""
+    messages = []
+    for message in rendering.messages:
+        content = message["content"]
+        if not isinstance(content, str):
+            content = [p for p in content if not _is_image_part(p)]
+        messages.append({**message, "content": content})
+    return Rendering(messages)
+
+
+def corrupted(rendering: Rendering, spec: CorruptionSpec,
+              default_size: tuple[int, int]) -> Rendering:
+    """The same conversation with each image replaced by the meaningless image of ``spec``.
+
+    The replacement keeps each image's size (so models with size-dependent image token counts see
+    as many tokens); a text-only rendering gets one image of ``default_size`` before its last text.
+    """
+    if rendering.images:
+        images = [corruption_image(spec, image.size) for image in rendering.images]
+        return Rendering(rendering.messages, images)
+    messages = copy.deepcopy(rendering.messages)
+    last_user = next(m for m in reversed(messages) if m["role"] == "user")
+    content = last_user["content"]
+    if isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    last_user["content"] = [{"type": "image"}, *content]
+    return Rendering(messages, [corruption_image(spec, default_size)])

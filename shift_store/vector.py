@@ -1,0 +1,118 @@
+"""Shift vectors: one float32 vector per decoder layer, with the metadata that says what they fit.
+
+This module knows tensors and metadata only; the engine (``guardrail``) computes the vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+FORMAT_VERSION = 1
+_TENSOR = "shift"
+_META = "cmrm_meta"
+
+
+class ShiftFormatError(ValueError):
+    """A serialized shift vector cannot be parsed, or its checksum, shape or dtype is wrong."""
+
+
+class ModelFingerprint(BaseModel):
+    """Identity of a model checkpoint: a changed checkpoint or config gives another ``id``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name_or_path: str
+    revision: str | None = None
+    weights_hash: str
+    config_hash: str
+    num_layers: int
+    hidden_size: int
+
+    @property
+    def id(self) -> str:
+        """Short digest of everything that makes a vector fit this model (not the name)."""
+        payload = f"{self.weights_hash}:{self.config_hash}:{self.num_layers}:{self.hidden_size}"
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class ShiftMeta(BaseModel):
+    """Everything needed to decide whether a shift vector may be applied to a model."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: ModelFingerprint
+    level: Literal["dataset", "sample"]
+    corruption: str
+    position: str = "last-prompt-token"
+    anchor_name: str | None = None
+    anchor_size: int = Field(ge=1)
+    library_version: str
+    format_version: int = FORMAT_VERSION
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class ShiftVector(BaseModel):
+    """Per-layer shift ``Δ^l`` (``vectors[l]``, shape ``[num_layers, hidden]``, float32)."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    vectors: torch.Tensor
+    meta: ShiftMeta
+    _checksum: str = PrivateAttr(default="")
+
+    def model_post_init(self, _context: object) -> None:
+        expected = (self.meta.model.num_layers, self.meta.model.hidden_size)
+        if self.vectors.dtype != torch.float32 or tuple(self.vectors.shape) != expected:
+            raise ShiftFormatError(
+                f"shift vectors must be float32 of shape {expected}, "
+                f"got {self.vectors.dtype} {tuple(self.vectors.shape)}"
+            )
+        if not bool(torch.isfinite(self.vectors).all()):
+            raise ShiftFormatError("shift vectors contain NaN or infinity")
+        self._checksum = hashlib.sha256(self.vectors.contiguous().numpy().tobytes()).hexdigest()
+
+    @property
+    def norms(self) -> torch.Tensor:
+        """L2 norm of each layer's vector."""
+        return self.vectors.norm(dim=-1)
+
+    @property
+    def checksum(self) -> str:
+        """SHA-256 of the raw float32 bytes (computed once; the tensor must not be mutated)."""
+        return self._checksum
+
+    def to_bytes(self) -> bytes:
+        """Serialize as safetensors, metadata and checksum inside. Never pickle."""
+        header = {_META: self.meta.model_dump_json(), "sha256": self.checksum}
+        return st_save({_TENSOR: self.vectors.contiguous()}, metadata=header)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes) -> ShiftVector:
+        """Parse :meth:`to_bytes` output; raise :class:`ShiftFormatError` on anything amiss."""
+        try:
+            tensors = st_load(payload)
+            header = _safetensors_metadata(payload)
+            meta = ShiftMeta.model_validate_json(header[_META])
+            vector = cls(vectors=tensors[_TENSOR], meta=meta)
+        except (SafetensorError, ValidationError, KeyError, ValueError, json.JSONDecodeError) as e:
+            raise ShiftFormatError(f"unreadable shift payload: {e}") from e
+        if vector.checksum != header.get("sha256"):
+            raise ShiftFormatError("shift payload checksum mismatch")
+        return vector
+
+
+def _safetensors_metadata(payload: bytes) -> dict[str, str]:
+    size = int.from_bytes(payload[:8], "little")
+    if size <= 0 or size > len(payload) - 8:
+        raise ShiftFormatError("truncated safetensors header")
+    return json.loads(payload[8 : 8 + size]).get("__metadata__", {})
