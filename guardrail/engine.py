@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -99,12 +101,12 @@ class GuardedVLM:
 
     def __init__(self, model: PreTrainedModel, processor: Any,
                  config: GuardConfig | None = None) -> None:
+        self._layers = find_decoder_layers(model)
         self.model = model.eval()
         self.processor = processor
         self.config = config or GuardConfig()
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.tokenizer.padding_side = "left"  # last prompt token at position -1 for every row
-        self._layers = find_decoder_layers(model)
         self.num_layers = len(self._layers)
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
@@ -129,6 +131,13 @@ class GuardedVLM:
         if device is not None:
             model = model.to(device)
         return cls(model, processor, config)
+
+    def with_config(self, config: GuardConfig) -> GuardedVLM:
+        """A view with another config; model, hooks and dataset shift are shared, not copied."""
+        view = copy.copy(self)
+        view.config = config
+        view.layer_indices(config)
+        return view
 
     # ----------------------------------------------------------------- shift vectors
 
@@ -236,23 +245,38 @@ class GuardedVLM:
         """Generate for several requests in one batched pass, each with its own correction."""
         if not requests:
             return []
-        started = time.perf_counter()
-        rows = [self._plan_row(request) for request in requests]
-        self._add_sample_shifts(rows, started)
-        inputs = self._encode([row.rendering for row in rows])
-        shifts = self._row_shifts(rows)
-        guard_ms = (time.perf_counter() - started) * 1e3
+        rows, inputs, shifts, guard_ms = self._prepare(requests)
         generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens,
                       "use_cache": True}
         generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        if shifts is None:
+        with self._correction(shifts, inputs):
             output = self.model.generate(**inputs, **generation)
-        else:
-            plan = CorrectionPlan(self.layer_indices(self.config), shifts,
-                                  self._prefill_mask(inputs))
-            with self._hooks.activate(plan):
-                output = self.model.generate(**inputs, **generation)
         return self._outputs(rows, inputs, output, guard_ms)
+
+    @torch.no_grad()
+    def next_token_logits(self, requests: Sequence[GuardRequest],
+                          ) -> tuple[torch.Tensor, list[GuardDecision]]:
+        """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
+        rows, inputs, shifts, _ = self._prepare(requests)
+        with self._correction(shifts, inputs):
+            logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].float(), [row.decision for row in rows]
+
+    def _prepare(self, requests: Sequence[GuardRequest],
+                 ) -> tuple[list[_RowPlan], dict[str, torch.Tensor], torch.Tensor | None, float]:
+        started = time.perf_counter()
+        rows = [self._plan_row(request) for request in requests]
+        self._add_sample_shifts(rows)
+        inputs = self._encode([row.rendering for row in rows])
+        shifts = self._row_shifts(rows)
+        return rows, inputs, shifts, (time.perf_counter() - started) * 1e3
+
+    def _correction(self, shifts: torch.Tensor | None,
+                    inputs: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
+        if shifts is None:
+            return nullcontext()
+        plan = CorrectionPlan(self.layer_indices(self.config), shifts, self._prefill_mask(inputs))
+        return self._hooks.activate(plan)
 
     def _plan_row(self, request: GuardRequest) -> _RowPlan:
         cfg = self.config
@@ -296,7 +320,7 @@ class GuardedVLM:
             raise GuardUnavailableError(decision.reason, decision)
         decision.reason += " (answered unguarded by configuration)"
 
-    def _add_sample_shifts(self, rows: list[_RowPlan], started: float) -> None:
+    def _add_sample_shifts(self, rows: list[_RowPlan]) -> None:
         sample_rows = [row for row in rows if row.decision.mode_used == "sample"]
         if not sample_rows:
             return

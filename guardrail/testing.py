@@ -203,3 +203,29 @@ def fixture_path(name: FixtureName, cache_dir: str | Path | None = None) -> Path
         if not path.exists():
             _BUILDERS[name](path)
     return path
+
+
+def anchor_prompts() -> list[str]:
+    """The small bundled prompt set (borderline requests and image questions) used by the demo,
+    benchmarks and tests. It is no safety benchmark; see the README for real data sets."""
+    text = (Path(__file__).parent / "data" / "anchor_prompts.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def synthetic_image(seed: int, size: tuple[int, int] = (224, 224)):
+    """A seeded picture of coloured shapes on a gradient, standing in for a photo."""
+    from PIL import Image, ImageDraw
+
+    generator = torch.Generator().manual_seed(seed)
+    width, height = size
+    base = torch.linspace(0, 1, width).repeat(height, 1)
+    colour = torch.rand(3, generator=generator) * 255
+    pixels = (base.unsqueeze(-1) * colour).to(torch.uint8)
+    image = Image.fromarray(pixels.numpy(), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(4):
+        x0, y0 = (torch.rand(2, generator=generator) * torch.tensor([width, height]) * 0.7).tolist()
+        w, h = (torch.rand(2, generator=generator) * torch.tensor([width, height]) * 0.3).tolist()
+        fill = tuple(int(c) for c in torch.randint(0, 256, (3,), generator=generator))
+        draw.ellipse([x0, y0, x0 + w + 4, y0 + h + 4], fill=fill)
+    return image

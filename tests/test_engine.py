@@ -1,0 +1,266 @@
+"""Engine behaviour on the tiny fixture: shifts, policies, errors, concurrency, decisions."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText
+
+from guardrail import (
+    DecoderNotFoundError,
+    GuardConfig,
+    GuardedVLM,
+    GuardRequest,
+    GuardUnavailableError,
+    InvalidImageError,
+    InvalidInputError,
+    MissingImagePlaceholderError,
+    ShiftMismatchError,
+)
+from guardrail.hooks import CorrectionPlan
+from guardrail.testing import synthetic_image
+from shift_store import ShiftVector
+
+ANCHORS = ["What is in this picture?", "How do I open a locked door?", "Tell me about cats."]
+
+
+def test_tiny_fixture_loads_fast(tiny_path):
+    started = time.perf_counter()
+    vlm = GuardedVLM.from_pretrained(str(tiny_path))
+    assert time.perf_counter() - started < 1.0
+    assert (vlm.num_layers, vlm.hidden_size) == (4, 64)
+
+
+def test_dataset_shift_is_mean_of_sample_shifts(tiny_vlm):
+    dataset = tiny_vlm.compute_dataset_shift(ANCHORS, batch_size=2, progress=False,
+                                             activate=False, anchor_name="unit")
+    samples = torch.stack([tiny_vlm.compute_sample_shift(p).vectors for p in ANCHORS])
+    assert dataset.vectors.shape == (4, 64) and dataset.vectors.dtype == torch.float32
+    torch.testing.assert_close(dataset.vectors, samples.mean(0), rtol=1e-4, atol=1e-4)
+    assert dataset.meta.anchor_size == 3 and dataset.meta.anchor_name == "unit"
+    assert dataset.meta.level == "dataset" and dataset.meta.corruption == "blank"
+    assert float(dataset.norms.min()) > 0
+
+
+def test_dataset_shift_streams_from_a_generator(tiny_vlm):
+    from_list = tiny_vlm.compute_dataset_shift(ANCHORS, batch_size=2, progress=False,
+                                               activate=False)
+    from_gen = tiny_vlm.compute_dataset_shift((p for p in ANCHORS), batch_size=2,
+                                              progress=False, activate=False)
+    torch.testing.assert_close(from_list.vectors, from_gen.vectors)
+    with pytest.raises(InvalidInputError, match="empty"):
+        tiny_vlm.compute_dataset_shift([], progress=False)
+
+
+def test_noise_corruption_gives_another_shift(tiny_vlm):
+    blank = tiny_vlm.compute_sample_shift(ANCHORS[0])
+    noisy = tiny_vlm.with_config(GuardConfig(corruption={"kind": "noise", "seed": 3}))
+    noise = noisy.compute_sample_shift(ANCHORS[0])
+    assert noise.meta.corruption == "noise-seed3"
+    assert not torch.allclose(noise.vectors, blank.vectors)
+
+
+def test_auto_uses_dataset_shift_when_loaded_and_sample_otherwise(tiny_vlm, image):
+    vlm = tiny_vlm.with_config(GuardConfig(mode="auto"))
+    vlm.set_dataset_shift(None)
+    out = vlm.generate("What is this?", [image], max_new_tokens=3)
+    assert out.decision.mode_used == "sample"
+    assert out.decision.fallbacks == ["no dataset-level shift loaded: sample level"]
+    shift = vlm.compute_dataset_shift(ANCHORS, progress=False)
+    out = vlm.generate("What is this?", [image], max_new_tokens=3)
+    assert out.decision.mode_used == "dataset" and out.decision.fallbacks == []
+    assert out.decision.shift_id == shift.checksum[:12]
+    assert out.decision.shift_norm == pytest.approx(float(shift.norms[-1]), rel=1e-5)
+
+
+def test_fail_closed_without_dataset_shift(tiny_vlm, image):
+    vlm = tiny_vlm.with_config(GuardConfig(mode="dataset"))
+    vlm.set_dataset_shift(None)
+    with pytest.raises(GuardUnavailableError) as info:
+        vlm.generate("What is this?", [image], max_new_tokens=3)
+    assert info.value.decision.mode_used == "unguarded" and not info.value.decision.guarded
+    assert "failed closed" in info.value.decision.reason
+    # text-only calls never need the guard
+    assert vlm.generate("Hi", max_new_tokens=2).decision.mode_used == "text-only"
+
+
+def test_explicit_unguarded_policy_answers_and_says_so(tiny_vlm, image):
+    vlm = tiny_vlm.with_config(GuardConfig(mode="dataset", on_unavailable="unguarded"))
+    vlm.set_dataset_shift(None)
+    out = vlm.generate("What is this?", [image], max_new_tokens=3)
+    raw = vlm.generate("What is this?", [image], max_new_tokens=3, mode="off")
+    assert out.token_ids == raw.token_ids
+    assert out.decision.mode_used == "unguarded" and not out.decision.guarded
+    assert "answered unguarded by configuration" in out.decision.reason
+
+
+def test_decision_is_logged_as_json_without_prompt(tiny_vlm, image, caplog):
+    secret = "my secret prompt text"
+    with caplog.at_level(logging.INFO, logger="guardrail.decisions"):
+        out = tiny_vlm.generate(secret, [image], max_new_tokens=2, mode="sample", alpha=0.7)
+    records = [r for r in caplog.records if r.name == "guardrail.decisions"]
+    assert len(records) == 1
+    logged = json.loads(records[0].getMessage())
+    assert logged == json.loads(out.decision.model_dump_json())
+    assert logged["alpha"] == 0.7 and logged["mode_used"] == "sample" and logged["guarded"]
+    assert logged["model"] == tiny_vlm.fingerprint.id
+    assert secret not in records[0].getMessage()
+
+
+def test_usage_counts_tokens(tiny_vlm, image):
+    out = tiny_vlm.generate("What is this?", [image], max_new_tokens=5, mode="off")
+    assert out.usage.completion_tokens == len(out.token_ids) <= 5
+    assert out.usage.prompt_tokens > 16  # 16 image tokens plus the text
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+
+def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
+    rows = [tiny_vlm._plan_row(GuardRequest("What?", [image])).rendering,
+            tiny_vlm._plan_row(GuardRequest("A much longer text-only prompt here")).rendering]
+    inputs = tiny_vlm._encode(rows)
+    is_image = inputs["input_ids"] == tiny_vlm.image_token_id
+    real = inputs["attention_mask"].bool()
+    masks = {p: tiny_vlm.with_config(GuardConfig(positions=p))._prefill_mask(inputs)
+             for p in ("all", "text", "last")}
+    assert torch.equal(masks["all"], real)
+    assert torch.equal(masks["text"], real & ~is_image) and int(is_image.sum()) == 16
+    assert masks["last"].sum(1).tolist() == [1, 1] and masks["last"][:, -1].all()
+
+
+def test_correction_plan_edits_prefill_mask_then_every_decode_token():
+    shifts = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # one layer, two rows
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    plan = CorrectionPlan([5], shifts, mask)
+    assert plan.on_output(4, torch.zeros(2, 3, 2)) is None  # layer not edited
+    prefill = plan.on_output(5, torch.zeros(2, 3, 2))
+    assert prefill[0].tolist() == [[0, 0], [-1, -2], [-1, -2]] and prefill[1].abs().sum() == 0
+    decode = plan.on_output(5, torch.zeros(2, 1, 2))
+    assert decode[0, 0].tolist() == [-1, -2] and decode[1].abs().sum() == 0
+
+
+def test_incremental_stacking_subtracts_each_layers_shift_once(tiny_vlm, image):
+    shift = tiny_vlm.compute_dataset_shift(ANCHORS, progress=False, activate=False)
+    for stacking, expected in (
+        ("incremental", [shift.vectors[1], shift.vectors[3] - shift.vectors[1]]),
+        ("independent", [shift.vectors[1], shift.vectors[3]]),
+    ):
+        vlm = tiny_vlm.with_config(GuardConfig(layers=(1, 3), stacking=stacking, alpha=0.5))
+        rows = [vlm._plan_row(GuardRequest("What?", [image], shift=shift, mode="dataset"))]
+        shifts = vlm._row_shifts(rows)
+        torch.testing.assert_close(shifts[:, 0], 0.5 * torch.stack(expected))
+
+
+def test_bad_images_raise_typed_errors(tiny_vlm, image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    for bad in (b"not an image at all", png[: len(png) // 2], b""):
+        with pytest.raises(InvalidImageError):
+            tiny_vlm.generate("What?", [bad], max_new_tokens=2)
+    with pytest.raises(InvalidImageError, match="out of range"):
+        tiny_vlm.generate("What?", [Image.new("RGB", (9000, 9000))], max_new_tokens=2)
+    assert tiny_vlm.generate("What?", [png], max_new_tokens=2).decision.multimodal
+
+
+def test_image_without_placeholder_is_refused(tiny_vlm, image):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is it?"}]}]
+    with pytest.raises(MissingImagePlaceholderError, match="1 image"):
+        tiny_vlm.generate(messages, [image], max_new_tokens=2)
+    with_part = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+    with pytest.raises(InvalidInputError, match="placeholder"):
+        tiny_vlm.generate(with_part, [], max_new_tokens=2)
+    assert tiny_vlm.generate(with_part, [image], max_new_tokens=2).decision.multimodal
+
+
+def test_shift_of_another_model_or_shape_is_refused(tiny_vlm, tiny_path, image):
+    shift = tiny_vlm.compute_dataset_shift(ANCHORS[:1], progress=False, activate=False)
+    other = AutoModelForImageTextToText.from_pretrained(tiny_path)
+    with torch.no_grad():
+        other.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.01)  # a "fine-tuned" copy
+    other_vlm = GuardedVLM(other, tiny_vlm.processor)
+    assert other_vlm.fingerprint.id != tiny_vlm.fingerprint.id
+    with pytest.raises(ShiftMismatchError, match="belongs to model"):
+        other_vlm.set_dataset_shift(shift)
+    with pytest.raises(ShiftMismatchError):
+        other_vlm.generate("What?", [image], mode="dataset", shift=shift, max_new_tokens=2)
+    wrong_shape = ShiftVector(
+        vectors=torch.zeros(3, 64),
+        meta=shift.meta.model_copy(update={"model": shift.meta.model.model_copy(
+            update={"num_layers": 3})}),
+    )
+    with pytest.raises(ShiftMismatchError, match="shape"):
+        tiny_vlm.set_dataset_shift(wrong_shape)
+    # the same checkpoint loaded again has the same fingerprint
+    assert GuardedVLM.from_pretrained(str(tiny_path)).fingerprint.id == tiny_vlm.fingerprint.id
+
+
+def test_model_without_decoder_is_refused():
+    class NoDecoder(torch.nn.Module):
+        def get_decoder(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(DecoderNotFoundError, match="NoDecoder"):
+        GuardedVLM(NoDecoder(), processor=None)
+
+
+def test_bad_layer_config_is_refused(tiny_vlm):
+    with pytest.raises(InvalidInputError, match="out of range"):
+        tiny_vlm.with_config(GuardConfig(layers=(7,)))
+
+
+def test_concurrent_calls_never_see_each_others_correction(tiny_vlm):
+    """Thread A holds an active strong correction; thread B's unguarded forward is unaffected."""
+    request = GuardRequest("What is this?", [synthetic_image(2, (64, 64))], mode="off")
+    clean, _ = tiny_vlm.next_token_logits([request])
+    strong = torch.full((tiny_vlm.num_layers, 1, tiny_vlm.hidden_size), 50.0)
+    plan = CorrectionPlan(range(tiny_vlm.num_layers), strong, torch.ones(1, 1, dtype=torch.bool))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with tiny_vlm._hooks.activate(plan):
+            inside.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert inside.wait(10)
+    try:
+        during, _ = tiny_vlm.next_token_logits([request])
+    finally:
+        release.set()
+        holder.join()
+    assert torch.equal(during, clean)
+
+
+def test_threads_with_different_alpha_match_their_sequential_answers(tiny_vlm):
+    vlm = tiny_vlm.with_config(GuardConfig(layers=(0, 1, 2, 3), positions="all"))
+    img = synthetic_image(3, (64, 64))
+    alphas = [0.0, 2.0, 5.0]
+    expected = {a: vlm.generate("Describe it.", [img], alpha=a, mode="sample",
+                                max_new_tokens=8).token_ids for a in alphas}
+    assert len({tuple(t) for t in expected.values()}) == 3  # the alphas really differ
+    results: dict[float, list[list[int]]] = {a: [] for a in alphas}
+    barrier = threading.Barrier(len(alphas))
+
+    def worker(alpha: float) -> None:
+        barrier.wait()
+        for _ in range(4):
+            out = vlm.generate("Describe it.", [img], alpha=alpha, mode="sample",
+                               max_new_tokens=8)
+            results[alpha].append(out.token_ids)
+
+    threads = [threading.Thread(target=worker, args=(a,)) for a in alphas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for alpha in alphas:
+        assert results[alpha] == [expected[alpha]] * 4
+    assert all(len(layer._forward_hooks) == 0 for layer in vlm._layers)

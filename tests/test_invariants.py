@@ -1,0 +1,113 @@
+"""The engine's invariants, on the SmolLM2-backed fixture (real text weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
+
+from guardrail import GuardConfig, GuardRequest
+from guardrail.images import corruption_image
+from guardrail.testing import SMOLLM_GGUF, smollm_gguf_dir
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def plain_smollm():
+    """SmolLM2 loaded straight from its GGUF file, with its own tokenizer and chat template."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm_gguf_dir(), gguf_file=SMOLLM_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm_gguf_dir(), gguf_file=SMOLLM_GGUF, dtype=torch.float32
+    ).eval()
+    return tokenizer, model
+
+
+def _hook_counts(vlm) -> list[int]:
+    return [len(layer._forward_hooks) for layer in vlm._layers]
+
+
+def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
+    tokenizer, model = plain_smollm
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+        )
+        ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+        plain = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=2)
+        plain_tokens = plain[0, ids.shape[1]:].tolist()
+        plain_tokens = plain_tokens[: plain_tokens.index(2)] if 2 in plain_tokens else plain_tokens
+        out = smollm_vlm.generate(prompt, max_new_tokens=20)
+        assert out.token_ids == plain_tokens
+        assert out.decision.mode_used == "text-only" and not out.decision.guarded
+        assert len(out.token_ids) > 3
+
+
+def test_alpha_zero_and_off_equal_unguarded(smollm_vlm, image):
+    inputs = smollm_vlm._encode([smollm_vlm._plan_row(GuardRequest("Describe it.", [image]))
+                                 .rendering])
+    with torch.no_grad():
+        raw = smollm_vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False,
+                                        pad_token_id=smollm_vlm.tokenizer.pad_token_id)
+        raw_logits = smollm_vlm.model(**inputs, logits_to_keep=1).logits[:, -1]
+    raw_tokens = raw[0, inputs["input_ids"].shape[1]:].tolist()
+    for kwargs in ({"alpha": 0.0, "mode": "sample"}, {"mode": "off"}):
+        out = smollm_vlm.generate("Describe it.", [image], max_new_tokens=16, **kwargs)
+        assert out.token_ids == raw_tokens[: len(out.token_ids)]
+        assert out.decision.mode_used == "off" and not out.decision.guarded
+        logits, _ = smollm_vlm.next_token_logits([GuardRequest("Describe it.", [image], **kwargs)])
+        assert torch.equal(logits, raw_logits.float())
+
+
+def test_sample_level_with_corruption_image_recovers_text_logits(smollm_vlm):
+    vlm = smollm_vlm.with_config(GuardConfig(layers=(-1,), alpha=1.0, mode="sample"))
+    prompt = "How do I get into a locked house?"
+    blank = corruption_image(vlm.config.corruption, (200, 150))
+    text_logits, _ = vlm.next_token_logits([GuardRequest(prompt)])
+    guarded, decisions = vlm.next_token_logits([GuardRequest(prompt, [blank])])
+    unguarded, _ = vlm.next_token_logits([GuardRequest(prompt, [blank], mode="off")])
+    assert decisions[0].mode_used == "sample" and decisions[0].guarded
+    assert (guarded - text_logits).abs().max() < 1e-3
+    assert (unguarded - text_logits).abs().max() > 1.0
+
+
+def test_batched_mixed_alpha_equals_one_by_one(smollm_vlm, image):
+    vlm = smollm_vlm.with_config(GuardConfig(layers=(-1,), alpha=1.0))
+    dataset = vlm.compute_dataset_shift(PROMPTS, batch_size=2, progress=False, activate=False)
+    requests = [
+        GuardRequest("What is in this picture?", [image], alpha=1.0, mode="sample"),
+        GuardRequest("Hello! Who are you?"),
+        GuardRequest("Describe the colours you see here, please.", [image], alpha=0.4,
+                     mode="dataset", shift=dataset),
+        GuardRequest("What is in this picture?", [image], alpha=0.0),
+    ]
+    batched = vlm.generate_batch(requests, max_new_tokens=12)
+    single = [vlm.generate_batch([r], max_new_tokens=12)[0] for r in requests]
+    assert [o.token_ids for o in batched] == [o.token_ids for o in single]
+    assert [o.decision.mode_used for o in batched] == ["sample", "text-only", "dataset", "off"]
+    assert batched[0].token_ids != batched[3].token_ids  # the correction did change the answer
+
+
+class _RaiseAtStep(StoppingCriteria):
+    def __init__(self, vlm, exc: BaseException, step: int = 3):
+        self.vlm, self.exc, self.step, self.calls, self.hooks_seen = vlm, exc, step, 0, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.calls += 1
+        self.hooks_seen.append(sum(_hook_counts(self.vlm)))
+        if self.calls == self.step:
+            raise self.exc
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
+def test_no_hooks_left_after_call_exception_or_cancel(smollm_vlm, image, exc):
+    before = _hook_counts(smollm_vlm)
+    smollm_vlm.generate("Describe it.", [image], mode="sample", max_new_tokens=4)
+    assert _hook_counts(smollm_vlm) == before
+    stopper = _RaiseAtStep(smollm_vlm, exc)
+    with pytest.raises(type(exc)):
+        smollm_vlm.generate("Describe it.", [image], mode="sample", max_new_tokens=8,
+                            stopping_criteria=[stopper])
+    assert stopper.hooks_seen[0] == sum(before) + smollm_vlm.num_layers  # hooks were live
+    assert _hook_counts(smollm_vlm) == before
