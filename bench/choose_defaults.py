@@ -40,7 +40,8 @@ def text_perplexity(vlm: GuardedVLM, prompts: list[str], continuations: list[lis
         ids = vlm.tokenizer(text, return_tensors="pt").input_ids
         full = torch.cat([ids, torch.tensor([tokens])], dim=1)
         logits = vlm.model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float()
-        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(tokens), reduction="sum"))
+        target = torch.tensor(tokens)
+        nll += float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
         count += len(tokens)
     return math.exp(nll / max(count, 1))
 
@@ -58,14 +59,12 @@ def main() -> None:
     text_logits, _ = base.next_token_logits(text)
 
     candidates: list[tuple[str, tuple[int, ...], str, str]] = [("unguarded", (-1,), "last", "off")]
+    for positions in ("last", "text"):
+        for layer in (n // 3, n // 2, 2 * n // 3, 5 * n // 6, n - 1):
+            candidates.append((f"layer {layer}", (layer,), positions, "incremental"))
     for positions in ("last", "text", "all"):
-        candidates += [
-            ("last layer", (-1,), positions, "incremental"),
-            (f"layer {2 * n // 3}", (2 * n // 3,), positions, "incremental"),
-            (f"layer {n // 2}", (n // 2,), positions, "incremental"),
-            ("all layers", tuple(range(n)), positions, "independent"),
-            ("all layers", tuple(range(n)), positions, "incremental"),
-        ]
+        candidates += [("all layers", tuple(range(n)), positions, stacking)
+                       for stacking in ("independent", "incremental")]
     rows = []
     for name, layers, positions, stacking in candidates:
         off = stacking == "off"
@@ -74,18 +73,22 @@ def main() -> None:
         vlm = base.with_config(cfg)
         started = time.perf_counter()
         logits, _ = vlm.next_token_logits(mm)
+        sample_logits, _ = vlm.next_token_logits(
+            [GuardRequest(r.prompt, r.images, mode="off" if off else "sample") for r in mm])
         outs = vlm.generate_batch(mm, max_new_tokens=NEW_TOKENS)
         tokens = [o.token_ids for o in outs]
         distinct = sum(len(set(t)) / max(len(t), 1) for t in tokens) / len(tokens)
         rows.append({
             "layers": name, "positions": positions, "stacking": stacking,
             "kl_to_text": round(kl(text_logits, logits), 4),
+            "kl_sample_level": round(kl(text_logits, sample_logits), 4),
             "text_ppl": round(text_perplexity(vlm, evaluation, tokens), 2),
             "distinct": round(distinct, 3), "example": outs[0].text[:60],
             "seconds": round(time.perf_counter() - started, 1),
         })
         r = rows[-1]
         print(f"{name:12} {positions:5} {stacking:12} KL={r['kl_to_text']:<8} "
+              f"KL(sample)={r['kl_sample_level']:<8} "
               f"ppl={r['text_ppl']:<8} distinct={r['distinct']:<6} {r['example']!r}", flush=True)
     print(json.dumps({"benchmark": "choose_defaults", "alpha": 1.0, "rows": rows}))
 

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
+from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
 from guardrail.config import GuardConfig, Mode
 from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import (
@@ -29,7 +30,15 @@ from guardrail.fingerprint import fingerprint_model
 from guardrail.hooks import CapturePlan, CorrectionPlan, DecoderHooks
 from guardrail.images import ImageInput
 from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
-from shift_store import ShiftMeta, ShiftVector
+from shift_store import (
+    CachedShiftSource,
+    Lookup,
+    ShiftKey,
+    ShiftMeta,
+    ShiftStore,
+    ShiftVector,
+    open_store,
+)
 
 __version__ = "0.1.0"
 
@@ -116,21 +125,31 @@ class GuardedVLM:
         self.default_image_size = _default_image_size(processor)
         self._hooks = DecoderHooks(self._layers)
         self._dataset_shift: ShiftVector | None = None
+        self._source: CachedShiftSource | None = None
         self.layer_indices(self.config)  # validate the configured layers now
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, config: GuardConfig | None = None, *,
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, revision: str | None = None,
+                        store: ShiftStore | str | None = None,
                         **model_kwargs: Any) -> GuardedVLM:
-        """Load a hub name or local folder through ``AutoModelForImageTextToText``."""
+        """Load a hub name or local folder through ``AutoModelForImageTextToText``.
+
+        With ``store`` (a store or a URL for :func:`shift_store.open_store`), the dataset-level
+        shift is looked up there and, on a miss, computed from the bundled anchors and stored;
+        see :meth:`use_store` for other anchors.
+        """
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, revision=revision, dtype=dtype or "auto", **model_kwargs
         )
         if device is not None:
             model = model.to(device)
-        return cls(model, processor, config)
+        vlm = cls(model, processor, config)
+        if store is not None:
+            vlm.use_store(store)
+        return vlm
 
     def with_config(self, config: GuardConfig) -> GuardedVLM:
         """A view with another config; model, hooks and dataset shift are shared, not copied."""
@@ -143,8 +162,47 @@ class GuardedVLM:
 
     @property
     def dataset_shift(self) -> ShiftVector | None:
-        """The dataset-level shift in use, if any."""
-        return self._dataset_shift
+        """The dataset-level shift in use now, if any."""
+        return self._dataset_lookup().vector
+
+    def _dataset_lookup(self) -> Lookup:
+        if self._source is None:
+            return Lookup(self._dataset_shift)
+        lookup = self._source.current()
+        if lookup.vector is None:
+            return lookup
+        try:
+            self.check_shift(lookup.vector)
+        except ShiftMismatchError as e:
+            return Lookup(None, note=f"stored shift does not fit this model: {e}")
+        return lookup
+
+    def use_store(self, store: ShiftStore | str | None, *, anchor_name: str = BUNDLED_ANCHORS,
+                  anchors: Iterable[str | GuardRequest] | None = None,
+                  compute_on_miss: bool = True, batch_size: int = 8,
+                  lock_timeout_s: float = 0.0, revalidate_s: float = 1.0) -> Lookup:
+        """Take the dataset-level shift from ``store`` from now on (cached in process).
+
+        The key is this model's fingerprint, the corruption and ``anchor_name``. On a miss, with
+        ``compute_on_miss``, one process computes it from ``anchors`` (the bundled set when
+        ``anchor_name`` is the bundled one) and stores it; others wait ``lock_timeout_s`` and then
+        run at sample level until it appears. Returns the lookup (its ``note`` says what failed).
+        """
+        if store is None or isinstance(store, str):
+            store = open_store(store)
+        key = ShiftKey(model_id=self.fingerprint.id, corruption=self.config.corruption.tag,
+                       anchor=anchor_name)
+        self._dataset_shift = None
+        self._source = CachedShiftSource(store, key, revalidate_s=revalidate_s)
+        if anchors is None and anchor_name == BUNDLED_ANCHORS:
+            anchors = bundled_anchor_prompts()
+        if not compute_on_miss or anchors is None:
+            return self._source.current()
+        return self._source.ensure(
+            lambda: self.compute_dataset_shift(anchors, batch_size=batch_size,
+                                               anchor_name=anchor_name, activate=False),
+            lock_timeout_s=lock_timeout_s,
+        )
 
     def check_shift(self, shift: ShiftVector) -> None:
         """Raise :class:`ShiftMismatchError` unless ``shift`` was computed on this model."""
@@ -161,10 +219,11 @@ class GuardedVLM:
             )
 
     def set_dataset_shift(self, shift: ShiftVector | None) -> None:
-        """Use ``shift`` for dataset-level correction (checked against this model)."""
+        """Use ``shift`` for dataset-level correction (checked against this model); this detaches
+        any store set with :meth:`use_store`."""
         if shift is not None:
             self.check_shift(shift)
-        self._dataset_shift = shift
+        self._dataset_shift, self._source = shift, None
 
     def compute_dataset_shift(self, samples: Iterable[str | GuardRequest], *,
                               batch_size: int = 8, anchor_name: str | None = None,
@@ -295,17 +354,22 @@ class GuardedVLM:
         if mode == "off" or alpha == 0.0:
             decision.mode_used, decision.reason = "off", f"mode={mode}, alpha={alpha}"
             return row
-        shift = request.shift or self._dataset_shift
+        shift = request.shift
+        if shift is None and mode in ("dataset", "auto"):
+            lookup = self._dataset_lookup()
+            shift = lookup.vector
+            if lookup.note:
+                decision.fallbacks.append(lookup.note)
         if mode in ("dataset", "auto") and shift is not None:
             self.check_shift(shift)
             row.shift = shift
             decision.mode_used, decision.guarded = "dataset", True
             decision.reason = "dataset-level shift"
         elif mode == "dataset":
-            self._unavailable(decision, "mode=dataset but no dataset-level shift is loaded")
+            self._unavailable(decision, "mode=dataset but no dataset-level shift is available")
         else:
             if mode == "auto":
-                decision.fallbacks.append("no dataset-level shift loaded: sample level")
+                decision.fallbacks.append("no dataset-level shift available: sample level")
             decision.mode_used, decision.guarded = "sample", True
             decision.reason = "sample-level shift"
         return row

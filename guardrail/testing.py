@@ -22,6 +22,8 @@ import platformdirs
 import torch
 from filelock import FileLock
 
+from guardrail.anchors import bundled_anchor_prompts as anchor_prompts  # noqa: F401
+
 FIXTURE_VERSION = "1"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -203,13 +205,6 @@ def fixture_path(name: FixtureName, cache_dir: str | Path | None = None) -> Path
         if not path.exists():
             _BUILDERS[name](path)
     return path
-
-
-def anchor_prompts() -> list[str]:
-    """The small bundled prompt set (borderline requests and image questions) used by the demo,
-    benchmarks and tests. It is no safety benchmark; see the README for real data sets."""
-    text = (Path(__file__).parent / "data" / "anchor_prompts.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def synthetic_image(seed: int, size: tuple[int, int] = (224, 224)):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -19,6 +20,7 @@ from safetensors.torch import save as st_save
 FORMAT_VERSION = 1
 _TENSOR = "shift"
 _META = "cmrm_meta"
+_MAX_HEADER = 1 << 20
 
 
 class ShiftFormatError(ValueError):
@@ -61,16 +63,18 @@ class ShiftMeta(BaseModel):
     extra: dict[str, str] = Field(default_factory=dict)
 
 
-class ShiftVector(BaseModel):
-    """Per-layer shift ``Δ^l`` (``vectors[l]``, shape ``[num_layers, hidden]``, float32)."""
+@dataclass(frozen=True)
+class ShiftVector:
+    """Per-layer shift ``Δ^l`` (``vectors[l]``, shape ``[num_layers, hidden]``, float32).
 
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    Validated on construction; the tensor must not be mutated afterwards (its checksum is cached).
+    """
 
     vectors: torch.Tensor
     meta: ShiftMeta
-    _checksum: str = PrivateAttr(default="")
+    checksum: str = field(init=False, repr=False)
 
-    def model_post_init(self, _context: object) -> None:
+    def __post_init__(self) -> None:
         expected = (self.meta.model.num_layers, self.meta.model.hidden_size)
         if self.vectors.dtype != torch.float32 or tuple(self.vectors.shape) != expected:
             raise ShiftFormatError(
@@ -79,17 +83,13 @@ class ShiftVector(BaseModel):
             )
         if not bool(torch.isfinite(self.vectors).all()):
             raise ShiftFormatError("shift vectors contain NaN or infinity")
-        self._checksum = hashlib.sha256(self.vectors.contiguous().numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(self.vectors.contiguous().numpy().tobytes()).hexdigest()
+        object.__setattr__(self, "checksum", digest)
 
     @property
     def norms(self) -> torch.Tensor:
         """L2 norm of each layer's vector."""
         return self.vectors.norm(dim=-1)
-
-    @property
-    def checksum(self) -> str:
-        """SHA-256 of the raw float32 bytes (computed once; the tensor must not be mutated)."""
-        return self._checksum
 
     def to_bytes(self) -> bytes:
         """Serialize as safetensors, metadata and checksum inside. Never pickle."""
@@ -113,6 +113,19 @@ class ShiftVector(BaseModel):
 
 def _safetensors_metadata(payload: bytes) -> dict[str, str]:
     size = int.from_bytes(payload[:8], "little")
-    if size <= 0 or size > len(payload) - 8:
+    if len(payload) < 8 or size <= 0 or size > len(payload) - 8:
         raise ShiftFormatError("truncated safetensors header")
     return json.loads(payload[8 : 8 + size]).get("__metadata__", {})
+
+
+def read_meta(stream: BinaryIO) -> ShiftMeta:
+    """The metadata of a serialized vector, reading only the safetensors header from ``stream``."""
+    prefix = stream.read(8)
+    size = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+    if not 0 < size <= _MAX_HEADER:
+        raise ShiftFormatError("bad safetensors header size")
+    try:
+        header = _safetensors_metadata(prefix + stream.read(size))
+        return ShiftMeta.model_validate_json(header[_META])
+    except (ValidationError, KeyError, json.JSONDecodeError) as e:
+        raise ShiftFormatError(f"unreadable shift metadata: {e}") from e

@@ -72,7 +72,7 @@ def test_auto_uses_dataset_shift_when_loaded_and_sample_otherwise(tiny_vlm, imag
     vlm.set_dataset_shift(None)
     out = vlm.generate("What is this?", [image], max_new_tokens=3)
     assert out.decision.mode_used == "sample"
-    assert out.decision.fallbacks == ["no dataset-level shift loaded: sample level"]
+    assert out.decision.fallbacks == ["no dataset-level shift available: sample level"]
     shift = vlm.compute_dataset_shift(ANCHORS, progress=False)
     out = vlm.generate("What is this?", [image], max_new_tokens=3)
     assert out.decision.mode_used == "dataset" and out.decision.fallbacks == []

@@ -1,0 +1,118 @@
+"""In-process cache in front of a store, and the compute-once protocol for cold starts."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from shift_store.base import ShiftKey, ShiftStore, StoreUnavailableError
+from shift_store.vector import ShiftFormatError, ShiftVector
+
+log = logging.getLogger("shift_store")
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Result of a lookup: the vector (or None), its version, and a note when not clean."""
+
+    vector: ShiftVector | None
+    version: str | None = None
+    note: str | None = None
+
+
+@dataclass
+class _Entry:
+    lookup: Lookup
+    checked_at: float
+
+
+class CachedShiftSource:
+    """The dataset-level vector under one key, cached in process.
+
+    A warm :meth:`current` is an attribute read and a clock check (no I/O). Every
+    ``revalidate_s`` seconds it asks the store for the key's version (no tensor transfer) and
+    reloads when the vector was replaced. While the store is unreachable it keeps serving the last
+    good vector (it belongs to the same key, so the same model) with a note, and retries after
+    ``retry_after_s``; it recovers by itself when the store is back.
+    """
+
+    def __init__(self, store: ShiftStore, key: ShiftKey, *, revalidate_s: float = 1.0,
+                 retry_after_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store, self.key = store, key
+        self.revalidate_s, self.retry_after_s = revalidate_s, retry_after_s
+        self._clock = clock
+        self._entry: _Entry | None = None
+        self._lock = threading.Lock()
+
+    def current(self) -> Lookup:
+        """The vector to use now (cheap when warm)."""
+        entry = self._entry
+        if entry is not None and self._clock() - entry.checked_at < self._ttl(entry):
+            return entry.lookup
+        with self._lock:
+            return self._refresh()
+
+    def _ttl(self, entry: _Entry) -> float:
+        unreachable = entry.lookup.note is not None and "unreachable" in entry.lookup.note
+        return self.retry_after_s if unreachable else self.revalidate_s
+
+    def _refresh(self) -> Lookup:
+        now = self._clock()
+        known = self._entry.lookup if self._entry else Lookup(None)
+        if self._entry is not None and now - self._entry.checked_at < self._ttl(self._entry):
+            return known  # another thread refreshed it while we waited
+        try:
+            version = self.store.version(self.key)
+            if version is not None and version == known.version and known.vector is not None:
+                lookup = known
+            elif version is None:
+                lookup = Lookup(None, note="no dataset-level shift stored for this model")
+            else:
+                found = self.store.get(self.key)
+                lookup = Lookup(*found) if found else Lookup(None, note="vanished during read")
+        except StoreUnavailableError as e:
+            log.warning("shift store unreachable: %s", e)
+            note = f"store unreachable ({e})"
+            lookup = Lookup(known.vector, known.version,
+                            note + ("; using the cached vector" if known.vector else ""))
+        except ShiftFormatError as e:
+            lookup = Lookup(None, note=f"stored shift rejected: {e}")
+        self._entry = _Entry(lookup, now)
+        return lookup
+
+    def invalidate(self) -> None:
+        """Forget the cached state; the next :meth:`current` asks the store."""
+        self._entry = None
+
+    def ensure(self, compute: Callable[[], ShiftVector], *, lock_timeout_s: float = 0.0,
+               lock_expire_s: float = 600.0) -> Lookup:
+        """Return the stored vector, computing and storing it on a miss.
+
+        Across replicas exactly one computes: it holds the key's lock; the others wait up to
+        ``lock_timeout_s`` and then report a miss (the engine falls back to sample level and
+        picks the vector up once it is stored). A damaged stored vector is recomputed.
+        """
+        self.invalidate()
+        lookup = self.current()
+        if lookup.vector is not None and lookup.note is None:
+            return lookup
+        if lookup.note and "unreachable" in lookup.note:
+            return lookup
+        try:
+            with self.store.lock(self.key, lock_timeout_s, lock_expire_s) as acquired:
+                self.invalidate()
+                lookup = self.current()
+                if lookup.vector is not None:
+                    return lookup
+                if not acquired:
+                    return Lookup(None, note="another process is computing the shift")
+                vector = compute()
+                version = self.store.put(self.key, vector)
+                log.info("computed and stored shift %s", self.key.name)
+        except StoreUnavailableError as e:
+            return Lookup(None, note=f"store unreachable ({e})")
+        self._entry = _Entry(Lookup(vector, version), self._clock())
+        return self._entry.lookup

@@ -1,0 +1,110 @@
+"""LocalShiftStore: a folder of safetensors files, the embedded default (no server)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import platformdirs
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
+
+from shift_store.base import ShiftKey, StoredShift, StoreUnavailableError
+from shift_store.vector import ShiftFormatError, ShiftVector, read_meta
+
+log = logging.getLogger("shift_store")
+_SUFFIX = ".safetensors"
+
+
+def _version(st: os.stat_result) -> str:
+    # os.replace gives the new file another inode, so a replaced vector always changes version
+    return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+
+
+class LocalShiftStore:
+    """Vectors as ``<folder>/<namespace>/<key>.safetensors``, written by temp file and rename."""
+
+    def __init__(self, folder: str | Path | None = None, namespace: str = "default") -> None:
+        root = Path(folder or platformdirs.user_cache_dir("cmrm-guardrail")) / "shifts"
+        self.namespace = namespace
+        self.folder = root / namespace
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot create store folder {self.folder}: {e}") from e
+
+    def _path(self, key: ShiftKey) -> Path:
+        return self.folder / f"{key.name}{_SUFFIX}"
+
+    def version(self, key: ShiftKey) -> str | None:
+        try:
+            return _version(self._path(key).stat())
+        except FileNotFoundError:
+            return None
+
+    def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
+        path = self._path(key)
+        try:
+            with path.open("rb") as f:
+                version = _version(os.fstat(f.fileno()))
+                payload = f.read()
+        except FileNotFoundError:
+            return None
+        try:
+            return ShiftVector.from_bytes(payload), version
+        except ShiftFormatError as e:
+            log.warning("rejected shift file %s: %s", path, e)
+            raise
+
+    def put(self, key: ShiftKey, vector: ShiftVector) -> str:
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(vector.to_bytes())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return self.version(key) or ""
+
+    def delete(self, key: ShiftKey) -> bool:
+        try:
+            self._path(key).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self) -> list[StoredShift]:
+        entries = []
+        for path in sorted(self.folder.glob(f"*{_SUFFIX}")):
+            if path.name.startswith(".tmp-"):
+                continue
+            try:
+                with path.open("rb") as f:
+                    meta = read_meta(f)
+            except (OSError, ShiftFormatError) as e:
+                log.warning("unreadable shift file %s: %s", path, e)
+                continue
+            entries.append(StoredShift(key=path.name.removesuffix(_SUFFIX), meta=meta,
+                                       version=_version(path.stat())))
+        return entries
+
+    @contextmanager
+    def lock(self, key: ShiftKey, timeout_s: float, expire_s: float = 0.0) -> Iterator[bool]:
+        # An OS file lock: released by the kernel when its holder dies, so expire_s is not needed.
+        lock = FileLock(str(self.folder / f".{key.name}.lock"))
+        try:
+            lock.acquire(timeout=timeout_s)
+        except FileLockTimeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
