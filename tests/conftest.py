@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
 import pytest
+import redis
 import torch
 
 from guardrail import GuardConfig, GuardedVLM
 from guardrail.testing import fixture_path, synthetic_image
+from tests.helpers import SHARED_REDIS
 
 torch.set_num_threads(2)
 
@@ -34,3 +42,64 @@ def smollm_vlm(smollm_path) -> GuardedVLM:
 @pytest.fixture()
 def image():
     return synthetic_image(1, (200, 150))
+
+
+# ---------------------------------------------------------------- Redis (real servers only)
+
+
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process of the test session's own, on a free port; can be killed and
+    restarted on the same port (it keeps nothing on disk)."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is required (.ci/run installs it)"
+        self.binary, self.port = binary, _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+@pytest.fixture()
+def own_redis():
+    server = RedisServer()
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture()
+def namespace():
+    """A namespace of this test's own on the shared Redis server, removed afterwards."""
+    name = f"test-{uuid.uuid4().hex[:8]}"
+    yield name
+    client = redis.Redis.from_url(SHARED_REDIS)
+    keys = list(client.scan_iter(f"cmrm:{name}:*"))
+    if keys:
+        client.delete(*keys)

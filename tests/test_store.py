@@ -1,0 +1,282 @@
+"""Shift stores against real back ends: a folder, and real Redis servers (never a mock)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from shift_store import (
+    CachedShiftSource,
+    LocalShiftStore,
+    ShiftFormatError,
+    ShiftKey,
+    ShiftVector,
+    StoreUnavailableError,
+    open_store,
+)
+from shift_store.redis_store import RedisShiftStore
+from tests.helpers import SHARED_REDIS, key_of, make_vector
+
+
+@pytest.fixture(params=["local", "redis"])
+def store(request, tmp_path, namespace):
+    if request.param == "local":
+        return LocalShiftStore(tmp_path, namespace=namespace)
+    return open_store(f"{SHARED_REDIS}?namespace={namespace}")
+
+
+def test_round_trip_is_bit_exact_and_listed_without_tensors(store):
+    vector = make_vector()
+    version = store.put(key_of(vector), vector)
+    got, got_version = store.get(key_of(vector))
+    assert torch.equal(got.vectors, vector.vectors) and got.meta == vector.meta
+    assert got_version == version == store.version(key_of(vector))
+    [entry] = store.list()
+    assert entry.key == key_of(vector).name and entry.meta == vector.meta
+    assert store.delete(key_of(vector)) and store.get(key_of(vector)) is None
+    assert store.list() == [] and not store.delete(key_of(vector))
+
+
+def test_other_model_is_a_miss(store):
+    vector = make_vector(model="w")
+    store.put(key_of(vector), vector)
+    changed_checkpoint = key_of(make_vector(model="w-finetuned"))
+    assert changed_checkpoint != key_of(vector)
+    assert store.get(changed_checkpoint) is None and store.version(changed_checkpoint) is None
+
+
+def _damage(store, key: ShiftKey, payload: bytes) -> None:
+    if isinstance(store, LocalShiftStore):
+        (store.folder / f"{key.name}.safetensors").write_bytes(payload)
+    else:
+        store.client.hset(store._key(key), mapping={"payload": payload, "sha256": "x"})
+
+
+@pytest.mark.parametrize("payload", [b"not safetensors", b"\x10" + bytes(40)])
+def test_damaged_data_is_rejected_then_recomputed(store, payload, caplog):
+    vector = make_vector()
+    key = key_of(vector)
+    store.put(key, vector)
+    _damage(store, key, payload)
+    with pytest.raises(ShiftFormatError):
+        store.get(key)
+    assert "rejected" in caplog.text
+    source = CachedShiftSource(store, key)
+    lookup = source.current()
+    assert lookup.vector is None and "rejected" in lookup.note
+    recomputed = source.ensure(lambda: vector)
+    assert lookup.vector is None and torch.equal(recomputed.vector.vectors, vector.vectors)
+    assert torch.equal(store.get(key)[0].vectors, vector.vectors)
+
+
+def test_payload_of_another_key_is_refused_by_version_check(namespace):
+    store = open_store(f"{SHARED_REDIS}?namespace={namespace}")
+    a, b = make_vector(1), make_vector(2)
+    store.put(key_of(a), a)
+    store.client.hset(store._key(key_of(a)), "payload", b.to_bytes())  # checksum field stays a's
+    with pytest.raises(ShiftFormatError, match="version"):
+        store.get(key_of(a))
+
+
+class CountingStore:
+    """A real store, counting the calls that reach it."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __getattr__(self, name):
+        self.calls += 1
+        return getattr(self.inner, name)
+
+
+def test_warm_lookup_does_not_touch_the_store_and_notices_replacement(store):
+    now = [0.0]
+    v1, v2 = make_vector(1), make_vector(2)
+    counting = CountingStore(store)
+    source = CachedShiftSource(counting, key_of(v1), revalidate_s=1.0, clock=lambda: now[0])
+    store.put(key_of(v1), v1)
+    assert torch.equal(source.current().vector.vectors, v1.vectors)
+    calls = counting.calls
+    for _ in range(100):
+        source.current()
+    assert counting.calls == calls  # warm: no store access at all
+    store.put(key_of(v1), v2)  # another replica replaces the vector
+    assert torch.equal(source.current().vector.vectors, v1.vectors)  # until revalidation
+    now[0] = 1.5
+    assert torch.equal(source.current().vector.vectors, v2.vectors)
+
+
+def test_concurrent_cold_start_computes_once_threads(store):
+    vector = make_vector()
+    computed = []
+
+    def compute() -> ShiftVector:
+        computed.append(1)
+        time.sleep(0.3)
+        return vector
+
+    results = []
+
+    def replica() -> None:
+        source = CachedShiftSource(store, key_of(vector))
+        results.append(source.ensure(compute, lock_timeout_s=10))
+
+    threads = [threading.Thread(target=replica) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(computed) == 1
+    assert all(torch.equal(r.vector.vectors, vector.vectors) for r in results)
+
+
+def test_replica_that_cannot_wait_reports_a_miss(store):
+    vector = make_vector()
+    with store.lock(key_of(vector), timeout_s=0) as held:
+        assert held
+        lookup = CachedShiftSource(store, key_of(vector)).ensure(lambda: vector, lock_timeout_s=0)
+    assert lookup.vector is None and "another process" in lookup.note
+
+
+_REPLICA = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    from tests.helpers import make_vector, key_of
+    from shift_store import open_store, CachedShiftSource
+    store = open_store({url!r})
+    vector = make_vector()
+    def compute():
+        with open({log!r}, "a") as f:
+            f.write("computed\\n")
+        time.sleep(0.5)
+        return vector
+    lookup = CachedShiftSource(store, key_of(vector)).ensure(compute, lock_timeout_s=30)
+    assert torch.equal(lookup.vector.vectors, vector.vectors)
+    print("ok")
+""")
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_concurrent_cold_start_computes_once_processes(backend, tmp_path, namespace):
+    url = (f"file://{tmp_path}?namespace={namespace}" if backend == "local"
+           else f"{SHARED_REDIS}?namespace={namespace}")
+    log = tmp_path / "computed.log"
+    code = _REPLICA.format(tests=str(Path(__file__).parents[1]), url=url, log=str(log))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4 and all("ok" in o for o in outputs)
+    assert log.read_text().count("computed") == 1
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from tests.helpers import make_vector, key_of
+    from shift_store import open_store
+    store = open_store({url!r})
+    with store.lock(key_of(make_vector()), timeout_s=5, expire_s=1.5) as held:
+        print("held" if held else "not held", flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_crashed_lock_holder_does_not_block_forever(backend, tmp_path, namespace):
+    url = (f"file://{tmp_path}?namespace={namespace}" if backend == "local"
+           else f"{SHARED_REDIS}?namespace={namespace}")
+    code = _HOLD_LOCK.format(tests=str(Path(__file__).parents[1]), url=url)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    store = open_store(url)
+    with store.lock(key_of(make_vector()), timeout_s=0) as held:
+        assert not held  # really held by the other process
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with store.lock(key_of(make_vector()), timeout_s=10) as held:
+        assert held
+    assert time.monotonic() - started < 3.0  # file lock: at once; Redis: after its 1.5 s expiry
+
+
+def test_local_store_never_exposes_a_partial_write(tmp_path):
+    big = make_vector(layers=32, hidden=4096)
+    writer = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+        from tests.helpers import make_vector, key_of
+        from shift_store import LocalShiftStore
+        store = LocalShiftStore({str(tmp_path)!r})
+        i = 0
+        print("writing", flush=True)
+        while True:
+            v = make_vector(i % 3, layers=32, hidden=4096)
+            store.put(key_of(v), v)
+            i += 1
+    """)
+    store = LocalShiftStore(tmp_path)
+    valid = {make_vector(i, 32, 4096).checksum for i in range(3)}
+    for delay in (0.3, 0.45, 0.6, 0.8):
+        proc = subprocess.Popen([sys.executable, "-c", writer], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "writing"
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        got = store.get(key_of(big))
+        assert got is None or got[0].checksum in valid
+        assert [e.key for e in store.list()] in ([], [key_of(big).name])
+
+
+def test_redis_outage_is_bounded_served_from_cache_and_recovers(own_redis):
+    vector = make_vector()
+    store = open_store(f"{own_redis.url}?namespace=outage&retries=1")
+    now = [0.0]
+    warm = CachedShiftSource(store, key_of(vector), revalidate_s=1, retry_after_s=5,
+                             clock=lambda: now[0])
+    assert warm.ensure(lambda: vector).vector is not None
+    own_redis.kill()
+    now[0] = 2.0
+    started = time.monotonic()
+    lookup = warm.current()
+    assert time.monotonic() - started < 5.0  # bounded by timeouts and one retry
+    assert torch.equal(lookup.vector.vectors, vector.vectors)
+    assert "unreachable" in lookup.note and "cached" in lookup.note
+    started = time.monotonic()
+    for _ in range(50):
+        warm.current()  # inside retry_after_s: no new connection attempts, no waiting
+    assert time.monotonic() - started < 0.05
+    cold = CachedShiftSource(store, key_of(vector), clock=lambda: now[0])
+    assert cold.current().vector is None and "unreachable" in cold.current().note
+    with pytest.raises(StoreUnavailableError):
+        store.put(key_of(vector), vector)
+    own_redis.start()  # back, empty (it keeps nothing on disk)
+    now[0] = 8.0
+    lookup = warm.current()
+    assert lookup.vector is None and "no dataset-level shift stored" in lookup.note
+    assert warm.ensure(lambda: vector).vector is not None and warm.current().note is None
+
+
+def test_redis_url_options_ttl_namespace_and_acl(own_redis):
+    admin = redis.Redis(port=own_redis.port)
+    admin.execute_command("ACL", "SETUSER", "guard", "on", ">s3cret", "~cmrm:*", "+@all")
+    vector = make_vector()
+    url = f"redis://guard:s3cret@127.0.0.1:{own_redis.port}/0?namespace=bot&ttl=100"
+    store = open_store(url)
+    assert isinstance(store, RedisShiftStore) and store.namespace == "bot"
+    store.put(key_of(vector), vector)
+    assert 0 < admin.ttl(f"cmrm:bot:shift:{key_of(vector).name}") <= 100
+    wrong = open_store(f"redis://guard:wrong@127.0.0.1:{own_redis.port}/0?retries=0")
+    with pytest.raises(StoreUnavailableError):
+        wrong.get(key_of(vector))
+    with pytest.raises(ValueError, match="scheme"):
+        open_store("ftp://example/x")
