@@ -13,6 +13,7 @@ from guardrail.config import GuardConfig
 from guardrail.engine import GuardedVLM
 from guardrail.errors import GuardrailError
 from guardrail.prompts import GuardRequest
+from shift_store import open_store
 
 UNTRAINED_NOTICE = (
     "NOTE: the demo model is SmolLM2-135M-Instruct behind an UNTRAINED, random vision tower.\n"
@@ -33,12 +34,18 @@ def demo(args: argparse.Namespace) -> int:
     print(UNTRAINED_NOTICE, "\n")
     print("Loading the SmolLM2-backed LLaVA fixture (built once, then cached)...")
     vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")), config=GuardConfig())
-    prompts = anchor_prompts()
-    shift = vlm.compute_dataset_shift(prompts[::2], batch_size=8, anchor_name="bundled")
+    store = open_store(args.store)
+    lookup = vlm.use_store(store)  # embedded default: a folder in the user cache directory
+    shift = lookup.vector
+    if shift is None:
+        raise GuardrailError(f"no dataset-level shift: {lookup.note}")
     norms = ", ".join(f"{n:.0f}" for n in shift.norms.tolist())
-    print(f"dataset-level shift from {shift.meta.anchor_size} anchors; per-layer norms: {norms}\n")
+    print(f"dataset-level shift ({shift.meta.anchor_name}, {shift.meta.anchor_size} anchors) "
+          f"from {store!r}; per-layer norms:\n  {norms}")
+    print(f"edited layer(s): {vlm.layer_indices(vlm.config)}, positions: "
+          f"{vlm.config.positions}, alpha: {vlm.config.alpha}\n")
 
-    questions = prompts[1::2][: args.prompts]
+    questions = anchor_prompts()[: args.prompts]
     images = [synthetic_image(i) for i in range(len(questions))]
     text_logits, _ = vlm.next_token_logits([GuardRequest(q) for q in questions])
     for mode in ("off", "dataset", "sample"):
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="offline demo on the embedded SmolLM2 fixture")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
     p.set_defaults(func=demo)
     p = commands.add_parser("chat", help="one guarded answer plus its decision")
     p.add_argument("--model", required=True, help="hub name or local folder")

@@ -29,7 +29,8 @@ class GuardConfig(BaseModel):
     """How CMRM corrects a multimodal call.
 
     * ``alpha`` - strength: the corrected state is ``h − alpha·Δ``; 0 leaves the model untouched.
-    * ``layers`` - decoder layers to edit (negative indices count from the end).
+    * ``layers`` - decoder layers to edit (negative indices count from the end); None means one
+      layer at five sixths of the decoder's depth (layer 25 of 30, 26 of 32).
     * ``positions`` - which token positions are edited: ``last`` (the last prompt token and every
       generated token), ``text`` (every non-image token and every generated token) or ``all``.
     * ``stacking`` - with several edited layers, ``incremental`` subtracts at each layer only the
@@ -41,13 +42,13 @@ class GuardConfig(BaseModel):
       :class:`~guardrail.errors.GuardUnavailableError`; ``unguarded`` answers without the guard and
       says so in the decision record.
 
-    The defaults come from the measurement recorded in ``docs/defaults.md``.
+    The default layer and positions come from the measurement in ``docs/defaults.md``.
     """
 
     model_config = ConfigDict(frozen=True)
 
     alpha: float = Field(default=1.0, ge=0.0, le=10.0)
-    layers: tuple[int, ...] = (-1,)
+    layers: tuple[int, ...] | None = None
     positions: Positions = "last"
     stacking: Stacking = "incremental"
     corruption: CorruptionSpec = CorruptionSpec()

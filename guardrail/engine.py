@@ -41,6 +41,8 @@ from shift_store import (
 )
 
 __version__ = "0.1.0"
+# Default edited layer: 5/6 of the depth (docs/defaults.md has the measurement behind it).
+DEFAULT_DEPTH_NUMERATOR, DEFAULT_DEPTH_DENOMINATOR = 5, 6
 
 
 class Usage(BaseModel):
@@ -283,6 +285,8 @@ class GuardedVLM:
 
     def layer_indices(self, config: GuardConfig) -> list[int]:
         """The configured layers as sorted non-negative indices."""
+        if config.layers is None:
+            return [DEFAULT_DEPTH_NUMERATOR * self.num_layers // DEFAULT_DEPTH_DENOMINATOR]
         indices = sorted({i % self.num_layers for i in config.layers
                           if -self.num_layers <= i < self.num_layers})
         if len(indices) != len(set(config.layers)) or not indices:

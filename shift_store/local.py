@@ -37,6 +37,9 @@ class LocalShiftStore:
         except OSError as e:
             raise StoreUnavailableError(f"cannot create store folder {self.folder}: {e}") from e
 
+    def __repr__(self) -> str:
+        return f"LocalShiftStore({str(self.folder.parent.parent)!r}, namespace={self.namespace!r})"
+
     def _path(self, key: ShiftKey) -> Path:
         return self.folder / f"{key.name}{_SUFFIX}"
 

@@ -45,6 +45,11 @@ class RedisShiftStore:
         self.ttl_s = ttl_s
         self._prefix = f"cmrm:{namespace}:"
 
+    def __repr__(self) -> str:
+        kwargs = self.client.connection_pool.connection_kwargs
+        where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
+        return f"RedisShiftStore({where!r}, namespace={self.namespace!r})"
+
     def _key(self, key: ShiftKey) -> str:
         return f"{self._prefix}shift:{key.name}"
 

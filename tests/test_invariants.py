@@ -71,8 +71,10 @@ def test_sample_level_with_corruption_image_recovers_text_logits(smollm_vlm):
     assert (unguarded - text_logits).abs().max() > 1.0
 
 
-def test_batched_mixed_alpha_equals_one_by_one(smollm_vlm, image):
-    vlm = smollm_vlm.with_config(GuardConfig(layers=(-1,), alpha=1.0))
+@pytest.mark.parametrize("config", [GuardConfig(), GuardConfig(layers=(10, 25), positions="text")],
+                         ids=["default", "two-layers-text"])
+def test_batched_mixed_alpha_equals_one_by_one(smollm_vlm, image, config):
+    vlm = smollm_vlm.with_config(config)
     dataset = vlm.compute_dataset_shift(PROMPTS, batch_size=2, progress=False, activate=False)
     requests = [
         GuardRequest("What is in this picture?", [image], alpha=1.0, mode="sample"),
