@@ -51,7 +51,7 @@ def decode_step_seconds(name: str) -> float:
 
     def run(tokens: int) -> float:
         started = time.perf_counter()
-        vlm.model.generate(**vlm._encode([vlm._plan_row(
+        vlm.model.generate(**vlm.encode([vlm._plan_row(
             _request(image)).rendering]), max_new_tokens=tokens, min_new_tokens=tokens,
             do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id)
         return time.perf_counter() - started

@@ -5,19 +5,25 @@ from __future__ import annotations
 import copy
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import BaseModel
 from torch import nn
-from tqdm.auto import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PreTrainedModel,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.streamers import BaseStreamer
 
 from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
+from guardrail.calibration import dataset_shift_sums, reference_shifts
 from guardrail.config import GuardConfig, Mode
 from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import (
@@ -27,7 +33,7 @@ from guardrail.errors import (
     ShiftMismatchError,
 )
 from guardrail.fingerprint import fingerprint_model
-from guardrail.hooks import CapturePlan, CorrectionPlan, DecoderHooks
+from guardrail.hooks import CorrectionPlan, DecoderHooks, Lockstep
 from guardrail.images import ImageInput
 from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
 from shift_store import (
@@ -72,10 +78,45 @@ class _RowPlan:
     shift: ShiftVector | None = None
 
 
-def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
+@dataclass
+class _Batch:
+    """A prepared batch: the request rows first, then two reference rows per sample-level row."""
+
+    rows: list[_RowPlan]
+    inputs: dict[str, torch.Tensor]
+    plan: CorrectionPlan | None
+    sample_rows: list[int] = field(default_factory=list)
+    guard_ms: float = 0.0
+
+    @property
+    def has_references(self) -> bool:
+        return bool(self.sample_rows)
+
+
+class _ReferenceRowsDone(StoppingCriteria):
+    """Marks reference rows finished from the start, so that only request rows keep generation
+    going (reference rows are still computed: they are fed the request rows' tokens)."""
+
+    def __init__(self, first_reference: int) -> None:
+        self.first_reference = first_reference
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done[self.first_reference :] = True
+        return done
+
+
+class _FirstRowStreamer(BaseStreamer):
+    """Passes only the request row to a batch-size-1 streamer when reference rows ride along."""
+
+    def __init__(self, inner: BaseStreamer) -> None:
+        self.inner = inner
+
+    def put(self, value: torch.Tensor) -> None:
+        self.inner.put(value[:1])
+
+    def end(self) -> None:
+        self.inner.end()
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -125,7 +166,7 @@ class GuardedVLM:
         if self.image_token_id is None:
             self.image_token_id = getattr(model.config, "image_token_index", None)
         self.default_image_size = _default_image_size(processor)
-        self._hooks = DecoderHooks(self._layers)
+        self.hooks = DecoderHooks(self._layers, model.get_input_embeddings())
         self._dataset_shift: ShiftVector | None = None
         self._source: CachedShiftSource | None = None
         self.layer_indices(self.config)  # validate the configured layers now
@@ -229,57 +270,44 @@ class GuardedVLM:
 
     def compute_dataset_shift(self, samples: Iterable[str | GuardRequest], *,
                               batch_size: int = 8, anchor_name: str | None = None,
-                              progress: bool = True, activate: bool = True) -> ShiftVector:
+                              decode_tokens: int = 8, progress: bool = True,
+                              activate: bool = True) -> ShiftVector:
         """Average ``Δ = h(x, img') − h(x)`` over an anchor data set, streaming in batches.
 
-        Memory is flat in the number of samples: only a running float64 sum is kept. With
-        ``activate`` the result becomes this model's dataset-level shift.
+        ``vectors`` is measured at the last prompt token; ``decode_vectors`` over the first
+        ``decode_tokens`` tokens of the model's own text-only answer (0 skips them, and decode
+        steps are then not corrected). With ``activate`` the result becomes this model's
+        dataset-level shift.
         """
-        total = torch.zeros(self.num_layers, self.hidden_size, dtype=torch.float64)
-        count = 0
-        size = len(samples) if isinstance(samples, Sequence) else None
-        with tqdm(total=size, desc="calibrating", unit="sample", disable=not progress) as bar:
-            for chunk in _batched(samples, batch_size):
-                requests = [GuardRequest(s) if isinstance(s, str) else s for s in chunk]
-                renderings = [render_request(r) for r in requests]
-                total += self._reference_shifts(renderings).sum(dim=1).double().cpu()
-                count += len(renderings)
-                bar.update(len(renderings))
-        if count == 0:
-            raise InvalidInputError("the anchor data set is empty")
-        shift = self._make_shift((total / count).float(), "dataset", count, anchor_name)
+        prompt_sum, decode_sum, count = dataset_shift_sums(
+            self, samples, batch_size=batch_size, decode_tokens=decode_tokens, progress=progress)
+        decode = None if decode_sum is None else (decode_sum / count).float()
+        shift = self._make_shift((prompt_sum / count).float(), "dataset", count, anchor_name,
+                                 decode)
         if activate:
             self.set_dataset_shift(shift)
         return shift
 
     def compute_sample_shift(self, prompt: str | Sequence[dict], images: Sequence[ImageInput] = (),
                              ) -> ShiftVector:
-        """``Δ`` for this very input (two prefill-only passes, no generation)."""
+        """``Δ`` at the last prompt token of this very input (two prefill-only passes).
+
+        Generation does not need this: sample-level rows measure their shift inside the
+        generation pass itself, at every generated token.
+        """
         rendering = render_request(GuardRequest(prompt, images))
-        return self._make_shift(self._reference_shifts([rendering])[:, 0].cpu(), "sample", 1)
+        delta = reference_shifts(self, [rendering])[:, 0, 0].cpu()
+        return self._make_shift(delta, "sample", 1)
 
     def _make_shift(self, vectors: torch.Tensor, level: str, size: int,
-                    anchor_name: str | None = None) -> ShiftVector:
+                    anchor_name: str | None = None,
+                    decode_vectors: torch.Tensor | None = None) -> ShiftVector:
         meta = ShiftMeta(
             model=self.fingerprint, level=level, corruption=self.config.corruption.tag,
             anchor_name=anchor_name, anchor_size=size, library_version=__version__,
         )
-        return ShiftVector(vectors=vectors.float().contiguous(), meta=meta)
-
-    @torch.no_grad()
-    def last_token_states(self, renderings: Sequence[Rendering]) -> torch.Tensor:
-        """Every layer's hidden state at the last prompt token: ``[num_layers, batch, hidden]``."""
-        plan = CapturePlan(range(self.num_layers))
-        inputs = self._encode(renderings)
-        with self._hooks.activate(plan):
-            self.model(**inputs, use_cache=False, logits_to_keep=1)
-        return plan.stacked(range(self.num_layers))
-
-    def _reference_shifts(self, renderings: Sequence[Rendering]) -> torch.Tensor:
-        """``h(x, img') − h(x)`` per layer and row: ``[num_layers, batch, hidden]`` float32."""
-        spec, size = self.config.corruption, self.default_image_size
-        with_corruption = self.last_token_states([corrupted(r, spec, size) for r in renderings])
-        return with_corruption - self.last_token_states([text_only(r) for r in renderings])
+        return ShiftVector(vectors=vectors.float().contiguous(), meta=meta,
+                           decode_vectors=decode_vectors)
 
     # ----------------------------------------------------------------- generation
 
@@ -308,38 +336,50 @@ class GuardedVLM:
         """Generate for several requests in one batched pass, each with its own correction."""
         if not requests:
             return []
-        rows, inputs, shifts, guard_ms = self._prepare(requests)
+        batch = self._prepare(requests)
         generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens,
                       "use_cache": True}
         generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        with self._correction(shifts, inputs):
-            output = self.model.generate(**inputs, **generation)
-        return self._outputs(rows, inputs, output, guard_ms)
+        if batch.has_references:
+            criteria = StoppingCriteriaList(generation.pop("stopping_criteria", None) or [])
+            criteria.append(_ReferenceRowsDone(len(batch.rows)))
+            generation["stopping_criteria"] = criteria
+            if generation.get("streamer") is not None:
+                generation["streamer"] = _FirstRowStreamer(generation["streamer"])
+        with self._activate(batch.plan):
+            output = self.model.generate(**batch.inputs, **generation)
+        self._record_live_norms(batch)
+        return self._outputs(batch, output)
 
     @torch.no_grad()
     def next_token_logits(self, requests: Sequence[GuardRequest],
                           ) -> tuple[torch.Tensor, list[GuardDecision]]:
         """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
-        rows, inputs, shifts, _ = self._prepare(requests)
-        with self._correction(shifts, inputs):
-            logits = self.model(**inputs, use_cache=True, logits_to_keep=1).logits
-        return logits[:, -1].float(), [row.decision for row in rows]
+        batch = self._prepare(requests)
+        with self._activate(batch.plan):
+            logits = self.model(**batch.inputs, use_cache=True, logits_to_keep=1).logits
+        self._record_live_norms(batch)
+        return logits[: len(batch.rows), -1].float(), [row.decision for row in batch.rows]
 
-    def _prepare(self, requests: Sequence[GuardRequest],
-                 ) -> tuple[list[_RowPlan], dict[str, torch.Tensor], torch.Tensor | None, float]:
+    def _prepare(self, requests: Sequence[GuardRequest]) -> _Batch:
         started = time.perf_counter()
         rows = [self._plan_row(request) for request in requests]
-        self._add_sample_shifts(rows)
-        inputs = self._encode([row.rendering for row in rows])
-        shifts = self._row_shifts(rows)
-        return rows, inputs, shifts, (time.perf_counter() - started) * 1e3
+        sample_rows = [i for i, row in enumerate(rows) if row.decision.mode_used == "sample"]
+        spec, size = self.config.corruption, self.default_image_size
+        renderings = [row.rendering for row in rows]
+        renderings += [corrupted(rows[i].rendering, spec, size) for i in sample_rows]
+        renderings += [text_only(rows[i].rendering) for i in sample_rows]
+        inputs = self.encode(renderings)
+        plan = self._correction_plan(rows, sample_rows, inputs)
+        return _Batch(rows, inputs, plan, sample_rows, (time.perf_counter() - started) * 1e3)
 
-    def _correction(self, shifts: torch.Tensor | None,
-                    inputs: dict[str, torch.Tensor]) -> AbstractContextManager[None]:
-        if shifts is None:
-            return nullcontext()
-        plan = CorrectionPlan(self.layer_indices(self.config), shifts, self._prefill_mask(inputs))
-        return self._hooks.activate(plan)
+    def _activate(self, plan: CorrectionPlan | None) -> AbstractContextManager[None]:
+        return nullcontext() if plan is None else self.hooks.activate(plan)
+
+    def _record_live_norms(self, batch: _Batch) -> None:
+        if batch.plan is not None and batch.plan.live_norms is not None:
+            for j, i in enumerate(batch.sample_rows):
+                batch.rows[i].decision.shift_norm = float(batch.plan.live_norms[j])
 
     def _plan_row(self, request: GuardRequest) -> _RowPlan:
         cfg = self.config
@@ -388,38 +428,57 @@ class GuardedVLM:
             raise GuardUnavailableError(decision.reason, decision)
         decision.reason += " (answered unguarded by configuration)"
 
-    def _add_sample_shifts(self, rows: list[_RowPlan]) -> None:
-        sample_rows = [row for row in rows if row.decision.mode_used == "sample"]
-        if not sample_rows:
-            return
-        try:
-            deltas = self._reference_shifts([row.rendering for row in sample_rows]).cpu()
-        except (RuntimeError, ValueError) as e:  # e.g. out of memory in the reference passes
-            for row in sample_rows:
-                self._unavailable(row.decision, f"sample-level passes failed: {e}")
-            return
-        for i, row in enumerate(sample_rows):
-            row.shift = self._make_shift(deltas[:, i], "sample", 1)
+    def _stacked(self, vectors: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """Vectors of the edited layers, as increments when stacking is incremental."""
+        picked = vectors[layers]
+        if self.config.stacking == "incremental":
+            picked = torch.cat([picked[:1], picked[1:] - picked[:-1]])
+        return picked
 
-    def _row_shifts(self, rows: list[_RowPlan]) -> torch.Tensor | None:
-        """Per-row ``α·Δ`` at the edited layers, ``[layers, batch, hidden]``; None if all zero."""
-        layers = self.layer_indices(self.config)
-        shifts = torch.zeros(len(layers), len(rows), self.hidden_size)
-        for i, row in enumerate(rows):
-            if row.shift is None or not row.decision.guarded:
-                continue
-            delta = row.shift.vectors[layers]
-            row.decision.shift_id = row.shift.checksum[:12]
-            row.decision.shift_level = row.shift.meta.level
-            row.decision.shift_norm = float(delta[-1].norm())
-            if self.config.stacking == "incremental":
-                delta = torch.cat([delta[:1], delta[1:] - delta[:-1]])
-            shifts[:, i] = row.decision.alpha * delta
+    def _correction_plan(self, rows: list[_RowPlan], sample_rows: list[int],
+                         inputs: dict[str, torch.Tensor]) -> CorrectionPlan | None:
+        """Per-row ``α·Δ`` at the edited layers; None when no row is guarded."""
         if not any(row.decision.guarded for row in rows):
             return None
-        return shifts.to(device=self.model.device, dtype=self.model.dtype)
+        layers = self.layer_indices(self.config)
+        total = inputs["input_ids"].shape[0]
+        prompt = torch.zeros(len(layers), total, self.hidden_size)
+        decode = torch.zeros(len(layers), total, self.hidden_size)
+        for i, row in enumerate(rows):
+            if row.decision.mode_used != "dataset" or row.shift is None:
+                continue
+            alpha = row.decision.alpha
+            row.decision.shift_id = row.shift.checksum[:12]
+            row.decision.shift_level = row.shift.meta.level
+            row.decision.shift_norm = float(row.shift.vectors[layers[-1]].norm())
+            prompt[:, i] = alpha * self._stacked(row.shift.vectors, layers)
+            if row.shift.decode_vectors is not None:
+                decode[:, i] = alpha * self._stacked(row.shift.decode_vectors, layers)
+            else:
+                row.decision.fallbacks.append("shift has no decode vectors: prompt only")
+        device, dtype = self.model.device, self.model.dtype
+        lockstep = None
+        if sample_rows:
+            count, n = len(sample_rows), len(rows)
+            alphas = [[rows[i].decision.alpha] for i in sample_rows]
+            lockstep = Lockstep(
+                main=torch.tensor(sample_rows, device=device),
+                corrupted=torch.arange(n, n + count, device=device),
+                text=torch.arange(n + count, n + 2 * count, device=device),
+                alpha=torch.tensor(alphas, device=device, dtype=dtype),
+            )
+            for i in sample_rows:
+                rows[i].decision.shift_level = "sample"
+        return CorrectionPlan(
+            layers, prompt.to(device, dtype), decode.to(device, dtype),
+            self._prefill_mask(inputs), lockstep,
+            incremental=self.config.stacking == "incremental",
+        )
 
-    def _encode(self, renderings: Sequence[Rendering]) -> dict[str, torch.Tensor]:
+    def encode(self, renderings: Sequence[Rendering],
+               continuation: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Processor inputs for ``renderings`` (left-padded), with ``continuation`` ids
+        (``[batch, k]``) appended to every row when given."""
         texts = [
             self.processor.apply_chat_template(r.messages, add_generation_prompt=True,
                                                tokenize=False)
@@ -428,6 +487,10 @@ class GuardedVLM:
         images = [image for r in renderings for image in r.images]
         inputs = self.processor(text=texts, images=images or None, padding=True,
                                 return_tensors="pt")
+        if continuation is not None:
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], dim=1)
+            inputs["attention_mask"] = torch.cat(
+                [inputs["attention_mask"], torch.ones_like(continuation)], dim=1)
         return inputs.to(self.model.device)
 
     def _prefill_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -440,10 +503,10 @@ class GuardedVLM:
         last[:, -1] = True
         return last
 
-    def _outputs(self, rows: list[_RowPlan], inputs: dict[str, torch.Tensor],
-                 output: torch.Tensor, guard_ms: float) -> list[GuardedOutput]:
-        prompt_length = inputs["input_ids"].shape[1]
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+    def _outputs(self, batch: _Batch, output: torch.Tensor) -> list[GuardedOutput]:
+        rows, guard_ms = batch.rows, batch.guard_ms
+        prompt_length = batch.inputs["input_ids"].shape[1]
+        prompt_tokens = batch.inputs["attention_mask"].sum(dim=1).tolist()
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
         results = []

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -29,13 +30,16 @@ class LayerPlan(Protocol):
 
 
 _ACTIVE: ContextVar[tuple[int, LayerPlan] | None] = ContextVar("cmrm_plan", default=None)
+EMBEDDINGS = -1  # the layer index plans see for the input embedding module's output
 
 
 class DecoderHooks:
-    """Installs dispatching hooks on ``layers`` for the duration of :meth:`activate`."""
+    """Installs dispatching hooks on ``layers`` (and the input embeddings) during :meth:`activate`.
+    """
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
-        self._layers = list(layers)
+    def __init__(self, layers: Sequence[nn.Module], embeddings: nn.Module) -> None:
+        self._modules = [(i, layer) for i, layer in enumerate(layers)]
+        self._modules.append((EMBEDDINGS, embeddings))
         self._lock = threading.Lock()
         self._users = 0
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -46,10 +50,8 @@ class DecoderHooks:
         token = _ACTIVE.set((id(self), plan))
         with self._lock:
             if self._users == 0:
-                self._handles = [
-                    layer.register_forward_hook(self._make_hook(i))
-                    for i, layer in enumerate(self._layers)
-                ]
+                self._handles = [module.register_forward_hook(self._make_hook(i))
+                                 for i, module in self._modules]
             self._users += 1
         try:
             yield
@@ -79,49 +81,99 @@ class DecoderHooks:
 
 
 class CapturePlan:
-    """Records each wanted layer's hidden state at the last position (left-padded batches)."""
+    """Records each wanted layer's hidden states at the last ``span`` positions."""
 
-    def __init__(self, layers: Sequence[int]) -> None:
+    def __init__(self, layers: Sequence[int], span: int = 1) -> None:
         self._wanted = set(layers)
+        self._span = span
         self.states: dict[int, torch.Tensor] = {}
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> None:
         if layer in self._wanted:
-            self.states[layer] = hidden[:, -1, :].float()
+            self.states[layer] = hidden[:, -self._span :, :].float()
 
     def stacked(self, layers: Sequence[int]) -> torch.Tensor:
-        """States as ``[len(layers), batch, hidden]`` float32."""
+        """States as ``[len(layers), batch, span, hidden]`` float32."""
         return torch.stack([self.states[layer] for layer in layers])
+
+
+@dataclass(frozen=True)
+class Lockstep:
+    """Sample-level rows computed inside the same batched pass.
+
+    Row ``main[j]`` is corrected with the live difference of its reference rows ``corrupted[j]``
+    (the prompt with the meaningless image) and ``text[j]`` (the prompt without image), scaled by
+    ``alpha[j]``. At every decode step the reference rows are fed the main row's new token, so the
+    shift is measured at each generated position, not extrapolated from the prompt.
+    """
+
+    main: torch.Tensor  # [J] long
+    corrupted: torch.Tensor  # [J] long
+    text: torch.Tensor  # [J] long
+    alpha: torch.Tensor  # [J, 1] in the model dtype
 
 
 class CorrectionPlan:
     """Subtracts a per-row shift at chosen layers: ``h ← h − shift[row]``.
 
-    ``shifts[k]`` (``[batch, hidden]``, already scaled by each row's α, zero for unguarded rows)
-    applies at ``layers[k]``. In the prefill pass only positions in ``prefill_mask``
-    (``[batch, seq]``) are edited; every later (decode) pass edits its single new token.
+    ``prompt_shifts[k]`` and ``decode_shifts[k]`` (``[batch, hidden]``, already scaled by each
+    row's α, zero for unguarded rows) apply at ``layers[k]``: the first in the prefill pass at the
+    positions of ``prefill_mask`` (``[batch, seq]``), the second at every decode step. With
+    ``lockstep``, live sample-level shifts are added for its rows. With ``incremental``, a layer's
+    live shift is its difference to the previous edited layer's.
     """
 
-    def __init__(self, layers: Sequence[int], shifts: torch.Tensor,
-                 prefill_mask: torch.Tensor) -> None:
+    def __init__(self, layers: Sequence[int], prompt_shifts: torch.Tensor,
+                 decode_shifts: torch.Tensor, prefill_mask: torch.Tensor,
+                 lockstep: Lockstep | None = None, incremental: bool = True) -> None:
         self._slot = {layer: k for k, layer in enumerate(layers)}
-        self._shifts = shifts.unsqueeze(2)  # [K, batch, 1, hidden]
-        self._mask = prefill_mask.to(shifts.dtype).unsqueeze(-1)  # [batch, seq, 1]
+        self._prompt = prompt_shifts.unsqueeze(2)  # [K, batch, 1, hidden]
+        self._decode = decode_shifts.unsqueeze(2)
+        self._mask = prefill_mask.to(prompt_shifts.dtype).unsqueeze(-1)  # [batch, seq, 1]
+        self._lockstep = lockstep
+        self._incremental = incremental
         self._passes = [0] * len(layers)
+        self._embedding_passes = 0
+        self._previous_live: torch.Tensor | None = None
+        self.live_norms: torch.Tensor | None = None  # ‖Δ‖ of lockstep rows at the prompt
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        if layer == EMBEDDINGS:
+            return self._feed_references(hidden)
         k = self._slot.get(layer)
         if k is None:
             return None
-        first = self._passes[k] == 0
+        prefill = self._passes[k] == 0
         self._passes[k] += 1
-        if first:
-            if hidden.shape[1] != self._mask.shape[1]:
-                raise GuardrailError(
-                    f"prefill length {hidden.shape[1]} does not match the prompt "
-                    f"({self._mask.shape[1]} tokens); generate must run with the KV cache on"
-                )
-            return hidden - self._mask * self._shifts[k]
-        if hidden.shape[1] != 1:
+        if prefill and hidden.shape[1] != self._mask.shape[1]:
+            raise GuardrailError(
+                f"prefill length {hidden.shape[1]} does not match the prompt "
+                f"({self._mask.shape[1]} tokens); generate must run with the KV cache on"
+            )
+        if not prefill and hidden.shape[1] != 1:
             raise GuardrailError("decode step with more than one new token is not supported")
-        return hidden - self._shifts[k]
+        shift = (self._prompt if prefill else self._decode)[k]
+        if self._lockstep is not None:
+            shift = self._with_live_shift(shift, hidden, k, prefill)
+        return hidden - self._mask * shift if prefill else hidden - shift
+
+    def _feed_references(self, embeds: torch.Tensor) -> torch.Tensor | None:
+        self._embedding_passes += 1
+        if self._lockstep is None or self._embedding_passes == 1:
+            return None  # prefill: reference rows have their own prompts
+        fed = embeds.clone()
+        fed[self._lockstep.corrupted] = embeds[self._lockstep.main]
+        fed[self._lockstep.text] = embeds[self._lockstep.main]
+        return fed
+
+    def _with_live_shift(self, shift: torch.Tensor, hidden: torch.Tensor, k: int,
+                         prefill: bool) -> torch.Tensor:
+        step = self._lockstep
+        live = hidden[step.corrupted, -1] - hidden[step.text, -1]  # [J, hidden]
+        if prefill and k == len(self._passes) - 1:
+            self.live_norms = live.float().norm(dim=-1)
+        increment = live
+        if self._incremental and k > 0 and self._previous_live is not None:
+            increment = live - self._previous_live
+        self._previous_live = live
+        return shift.index_add(0, step.main, (step.alpha * increment).unsqueeze(1))

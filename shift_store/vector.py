@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 
 FORMAT_VERSION = 1
 _TENSOR = "shift"
+_DECODE_TENSOR = "decode_shift"
 _META = "cmrm_meta"
 _MAX_HEADER = 1 << 20
 
@@ -65,26 +66,34 @@ class ShiftMeta(BaseModel):
 
 @dataclass(frozen=True)
 class ShiftVector:
-    """Per-layer shift ``Δ^l`` (``vectors[l]``, shape ``[num_layers, hidden]``, float32).
+    """Per-layer shift ``Δ^l``, float32, shape ``[num_layers, hidden]``.
 
-    Validated on construction; the tensor must not be mutated afterwards (its checksum is cached).
+    ``vectors`` is measured at the last prompt token; ``decode_vectors`` (optional) is the mean
+    shift over generated tokens, which points elsewhere (see docs/defaults.md) and is applied at
+    decode steps. Validated on construction; the tensors must not be mutated afterwards (the
+    checksum is cached).
     """
 
     vectors: torch.Tensor
     meta: ShiftMeta
+    decode_vectors: torch.Tensor | None = None
     checksum: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         expected = (self.meta.model.num_layers, self.meta.model.hidden_size)
-        if self.vectors.dtype != torch.float32 or tuple(self.vectors.shape) != expected:
-            raise ShiftFormatError(
-                f"shift vectors must be float32 of shape {expected}, "
-                f"got {self.vectors.dtype} {tuple(self.vectors.shape)}"
-            )
-        if not bool(torch.isfinite(self.vectors).all()):
-            raise ShiftFormatError("shift vectors contain NaN or infinity")
-        digest = hashlib.sha256(self.vectors.contiguous().numpy().tobytes()).hexdigest()
-        object.__setattr__(self, "checksum", digest)
+        digest = hashlib.sha256()
+        for tensor in (self.vectors, self.decode_vectors):
+            if tensor is None:
+                continue
+            if tensor.dtype != torch.float32 or tuple(tensor.shape) != expected:
+                raise ShiftFormatError(
+                    f"shift vectors must be float32 of shape {expected}, "
+                    f"got {tensor.dtype} {tuple(tensor.shape)}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ShiftFormatError("shift vectors contain NaN or infinity")
+            digest.update(tensor.contiguous().numpy().tobytes())
+        object.__setattr__(self, "checksum", digest.hexdigest())
 
     @property
     def norms(self) -> torch.Tensor:
@@ -94,7 +103,10 @@ class ShiftVector:
     def to_bytes(self) -> bytes:
         """Serialize as safetensors, metadata and checksum inside. Never pickle."""
         header = {_META: self.meta.model_dump_json(), "sha256": self.checksum}
-        return st_save({_TENSOR: self.vectors.contiguous()}, metadata=header)
+        tensors = {_TENSOR: self.vectors.contiguous()}
+        if self.decode_vectors is not None:
+            tensors[_DECODE_TENSOR] = self.decode_vectors.contiguous()
+        return st_save(tensors, metadata=header)
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> ShiftVector:
@@ -103,7 +115,8 @@ class ShiftVector:
             tensors = st_load(payload)
             header = _safetensors_metadata(payload)
             meta = ShiftMeta.model_validate_json(header[_META])
-            vector = cls(vectors=tensors[_TENSOR], meta=meta)
+            vector = cls(vectors=tensors[_TENSOR], meta=meta,
+                         decode_vectors=tensors.get(_DECODE_TENSOR))
         except (SafetensorError, ValidationError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise ShiftFormatError(f"unreadable shift payload: {e}") from e
         if vector.checksum != header.get("sha256"):

@@ -24,7 +24,7 @@ from guardrail import (
     MissingImagePlaceholderError,
     ShiftMismatchError,
 )
-from guardrail.hooks import CorrectionPlan
+from guardrail.hooks import EMBEDDINGS, CorrectionPlan, Lockstep
 from guardrail.testing import synthetic_image
 from shift_store import ShiftVector
 
@@ -43,6 +43,8 @@ def test_dataset_shift_is_mean_of_sample_shifts(tiny_vlm):
                                              activate=False, anchor_name="unit")
     samples = torch.stack([tiny_vlm.compute_sample_shift(p).vectors for p in ANCHORS])
     assert dataset.vectors.shape == (4, 64) and dataset.vectors.dtype == torch.float32
+    assert dataset.decode_vectors.shape == (4, 64)
+    assert not torch.allclose(dataset.decode_vectors, dataset.vectors)
     torch.testing.assert_close(dataset.vectors, samples.mean(0), rtol=1e-4, atol=1e-4)
     assert dataset.meta.anchor_size == 3 and dataset.meta.anchor_name == "unit"
     assert dataset.meta.level == "dataset" and dataset.meta.corruption == "blank"
@@ -124,7 +126,7 @@ def test_usage_counts_tokens(tiny_vlm, image):
 def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
     rows = [tiny_vlm._plan_row(GuardRequest("What?", [image])).rendering,
             tiny_vlm._plan_row(GuardRequest("A much longer text-only prompt here")).rendering]
-    inputs = tiny_vlm._encode(rows)
+    inputs = tiny_vlm.encode(rows)
     is_image = inputs["input_ids"] == tiny_vlm.image_token_id
     real = inputs["attention_mask"].bool()
     masks = {p: tiny_vlm.with_config(GuardConfig(positions=p))._prefill_mask(inputs)
@@ -135,14 +137,35 @@ def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
 
 
 def test_correction_plan_edits_prefill_mask_then_every_decode_token():
-    shifts = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # one layer, two rows
+    prompt = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # one layer, two rows
+    decode = torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])
     mask = torch.tensor([[False, True, True], [True, True, True]])
-    plan = CorrectionPlan([5], shifts, mask)
+    plan = CorrectionPlan([5], prompt, decode, mask)
     assert plan.on_output(4, torch.zeros(2, 3, 2)) is None  # layer not edited
     prefill = plan.on_output(5, torch.zeros(2, 3, 2))
     assert prefill[0].tolist() == [[0, 0], [-1, -2], [-1, -2]] and prefill[1].abs().sum() == 0
-    decode = plan.on_output(5, torch.zeros(2, 1, 2))
-    assert decode[0, 0].tolist() == [-1, -2] and decode[1].abs().sum() == 0
+    for _ in range(2):
+        step = plan.on_output(5, torch.zeros(2, 1, 2))
+        assert step[0, 0].tolist() == [-3, -4] and step[1].abs().sum() == 0
+
+
+def test_lockstep_feeds_reference_rows_and_subtracts_their_live_difference():
+    """Row 0 is corrected by alpha * (row 1 - row 2); rows 1, 2 get row 0's token embedding."""
+    zeros = torch.zeros(2, 3, 2)
+    step = Lockstep(main=torch.tensor([0]), corrupted=torch.tensor([1]), text=torch.tensor([2]),
+                    alpha=torch.tensor([[0.5]]))
+    plan = CorrectionPlan([0, 1], zeros, zeros, torch.ones(3, 2, dtype=torch.bool), step)
+    embeds = torch.arange(6.0).reshape(3, 1, 2)
+    assert plan.on_output(EMBEDDINGS, embeds) is None  # prefill: own prompts
+    hidden = torch.tensor([[[0.0, 0.0]], [[4.0, 2.0]], [[2.0, 2.0]]]).expand(3, 2, 2)
+    out0 = plan.on_output(0, hidden.clone())
+    assert out0[0, -1].tolist() == [-1.0, 0.0] and torch.equal(out0[1:], hidden[1:])
+    later = torch.tensor([[[0.0, 0.0]], [[10.0, 2.0]], [[2.0, 2.0]]]).expand(3, 2, 2)
+    out1 = plan.on_output(1, later.clone())  # incremental: (8, 0) - (2, 0) = (6, 0), times 0.5
+    assert out1[0, -1].tolist() == [-3.0, 0.0]
+    assert plan.live_norms.tolist() == [8.0]
+    fed = plan.on_output(EMBEDDINGS, embeds)  # a decode step: references take row 0's token
+    assert fed[1].tolist() == fed[2].tolist() == embeds[0].tolist()
 
 
 def test_incremental_stacking_subtracts_each_layers_shift_once(tiny_vlm, image):
@@ -152,9 +175,7 @@ def test_incremental_stacking_subtracts_each_layers_shift_once(tiny_vlm, image):
         ("independent", [shift.vectors[1], shift.vectors[3]]),
     ):
         vlm = tiny_vlm.with_config(GuardConfig(layers=(1, 3), stacking=stacking, alpha=0.5))
-        rows = [vlm._plan_row(GuardRequest("What?", [image], shift=shift, mode="dataset"))]
-        shifts = vlm._row_shifts(rows)
-        torch.testing.assert_close(shifts[:, 0], 0.5 * torch.stack(expected))
+        torch.testing.assert_close(vlm._stacked(shift.vectors, [1, 3]), torch.stack(expected))
 
 
 def test_bad_images_raise_typed_errors(tiny_vlm, image):
@@ -220,11 +241,12 @@ def test_concurrent_calls_never_see_each_others_correction(tiny_vlm):
     request = GuardRequest("What is this?", [synthetic_image(2, (64, 64))], mode="off")
     clean, _ = tiny_vlm.next_token_logits([request])
     strong = torch.full((tiny_vlm.num_layers, 1, tiny_vlm.hidden_size), 50.0)
-    plan = CorrectionPlan(range(tiny_vlm.num_layers), strong, torch.ones(1, 1, dtype=torch.bool))
+    plan = CorrectionPlan(range(tiny_vlm.num_layers), strong, strong,
+                          torch.ones(1, 1, dtype=torch.bool))
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with tiny_vlm._hooks.activate(plan):
+        with tiny_vlm.hooks.activate(plan):
             inside.set()
             release.wait(10)
 

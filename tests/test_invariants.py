@@ -44,7 +44,7 @@ def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
 
 
 def test_alpha_zero_and_off_equal_unguarded(smollm_vlm, image):
-    inputs = smollm_vlm._encode([smollm_vlm._plan_row(GuardRequest("Describe it.", [image]))
+    inputs = smollm_vlm.encode([smollm_vlm._plan_row(GuardRequest("Describe it.", [image]))
                                  .rendering])
     with torch.no_grad():
         raw = smollm_vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False,
@@ -69,6 +69,21 @@ def test_sample_level_with_corruption_image_recovers_text_logits(smollm_vlm):
     assert decisions[0].mode_used == "sample" and decisions[0].guarded
     assert (guarded - text_logits).abs().max() < 1e-3
     assert (unguarded - text_logits).abs().max() > 1.0
+
+
+def test_sample_level_with_corruption_image_reproduces_the_text_only_answer(smollm_vlm):
+    """Lockstep reference rows measure the shift at every generated token: at the last layer,
+    an input image equal to the corruption image gives back the text-only answer exactly."""
+    vlm = smollm_vlm.with_config(GuardConfig(layers=(-1,), alpha=1.0, mode="sample"))
+    blank = corruption_image(vlm.config.corruption, (200, 150))
+    changed_by_image = 0
+    for prompt in PROMPTS:
+        text = vlm.generate(prompt, max_new_tokens=16)
+        guarded = vlm.generate(prompt, [blank], max_new_tokens=16)
+        unguarded = vlm.generate(prompt, [blank], max_new_tokens=16, mode="off")
+        assert guarded.token_ids == text.token_ids
+        changed_by_image += unguarded.token_ids != text.token_ids
+    assert changed_by_image >= 1  # without the guard, the image does change an answer
 
 
 @pytest.mark.parametrize("config", [GuardConfig(), GuardConfig(layers=(10, 25), positions="text")],
