@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any
 
@@ -39,12 +41,15 @@ def capture_states(vlm: GuardedVLM, renderings: Sequence[Rendering],
 
 
 def reference_shifts(vlm: GuardedVLM, renderings: Sequence[Rendering],
-                     continuation: torch.Tensor | None = None) -> torch.Tensor:
-    """``h(x, img') − h(x)`` per layer, row and position (see :func:`capture_states`)."""
+                     continuation: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h(x, img') − h(x)`` per layer, row and position (see :func:`capture_states`), and the
+    text-only states ``h(x)`` themselves."""
     spec, size = vlm.config.corruption, vlm.default_image_size
     with_corruption = capture_states(vlm, [corrupted(r, spec, size) for r in renderings],
                                      continuation)
-    return with_corruption - capture_states(vlm, [text_only(r) for r in renderings], continuation)
+    text = capture_states(vlm, [text_only(r) for r in renderings], continuation)
+    return with_corruption - text, text
 
 
 @torch.no_grad()
@@ -57,19 +62,37 @@ def text_only_continuation(vlm: GuardedVLM, renderings: Sequence[Rendering],
     return output[:, inputs["input_ids"].shape[1]:].cpu()
 
 
-def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *,
-                       batch_size: int, decode_tokens: int,
-                       progress: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Sums of the prompt-token and generated-token shifts over ``samples``, and their count.
+@dataclass
+class CalibrationSums:
+    """Running sums of a calibration pass (float64), and a bounded sample of anchor states."""
 
-    Streams in batches: memory is flat in the number of samples (float64 running sums only).
+    prompt: torch.Tensor
+    decode: torch.Tensor | None
+    text_sum: torch.Tensor
+    text_square_sum: torch.Tensor
+    count: int
+    text_sample: list[torch.Tensor]
+
+
+def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *,
+                       batch_size: int, decode_tokens: int, progress: bool,
+                       keep_states: int = 1024) -> CalibrationSums:
+    """Sums of the prompt-token and generated-token shifts over ``samples``.
+
+    Streams in batches: memory is flat in the number of samples (running sums, plus a reservoir
+    sample of at most ``keep_states`` final-layer text-only states for the trust threshold).
     Generated-token shifts are measured on the model's own ``decode_tokens``-long text-only
     answer, fed to both the text-only and the corrupted prompt.
     """
     shape = (vlm.num_layers, vlm.hidden_size)
-    prompt_sum = torch.zeros(shape, dtype=torch.float64)
-    decode_sum = torch.zeros(shape, dtype=torch.float64)
-    count = 0
+    sums = CalibrationSums(
+        prompt=torch.zeros(shape, dtype=torch.float64),
+        decode=torch.zeros(shape, dtype=torch.float64) if decode_tokens else None,
+        text_sum=torch.zeros(vlm.hidden_size, dtype=torch.float64),
+        text_square_sum=torch.zeros(vlm.hidden_size, dtype=torch.float64),
+        count=0, text_sample=[],
+    )
+    reservoir_rng = random.Random(0)
     size = len(samples) if isinstance(samples, Sequence) else None
     with tqdm(total=size, desc="calibrating", unit="sample", disable=not progress) as bar:
         for chunk in batched(samples, batch_size):
@@ -77,12 +100,21 @@ def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *
             renderings = [render_request(r) for r in requests]
             continuation = (text_only_continuation(vlm, renderings, decode_tokens)
                             if decode_tokens else None)
-            deltas = reference_shifts(vlm, renderings, continuation).double().cpu()
-            prompt_sum += deltas[:, :, 0].sum(dim=1)
-            if decode_tokens:
-                decode_sum += deltas[:, :, 1:].mean(dim=2).sum(dim=1)
-            count += len(renderings)
+            deltas, text = reference_shifts(vlm, renderings, continuation)
+            deltas = deltas.double().cpu()
+            sums.prompt += deltas[:, :, 0].sum(dim=1)
+            if sums.decode is not None:
+                sums.decode += deltas[:, :, 1:].mean(dim=2).sum(dim=1)
+            final = text[-1, :, 0].double().cpu()  # [batch, hidden]
+            sums.text_sum += final.sum(dim=0)
+            sums.text_square_sum += final.square().sum(dim=0)
+            for state in final.float():
+                sums.count += 1
+                if len(sums.text_sample) < keep_states:
+                    sums.text_sample.append(state)
+                elif (slot := reservoir_rng.randrange(sums.count)) < keep_states:
+                    sums.text_sample[slot] = state
             bar.update(len(renderings))
-    if count == 0:
+    if sums.count == 0:
         raise InvalidInputError("the anchor data set is empty")
-    return prompt_sum, (decode_sum if decode_tokens else None), count
+    return sums

@@ -16,7 +16,10 @@ class GuardDecision(BaseModel):
     """What the guard did for one request, and why. Never contains prompt text or image bytes."""
 
     call_id: str
+    app: str | None = None
     model: str = Field(description="model fingerprint id")
+    trusted: bool | None = Field(default=None, description="None: no trust policy consulted")
+    trust_reason: str | None = None
     multimodal: bool
     guarded: bool = Field(description="True when a correction was applied to this request")
     mode_requested: str
@@ -26,11 +29,15 @@ class GuardDecision(BaseModel):
     positions: str
     stacking: str
     shift_id: str | None = Field(default=None, description="checksum prefix of the shift used")
+    shift_key: str | None = Field(default=None, description="store key of a dataset shift")
+    shift_version: str | None = None
     shift_level: Literal["dataset", "sample"] | None = None
     shift_norm: float | None = Field(default=None, description="‖Δ‖ at the last edited layer")
     fallbacks: list[str] = Field(default_factory=list)
     reason: str
-    added_latency_ms: float = 0.0
+    added_latency_ms: float = Field(
+        default=0.0, description="guard preparation before generation (shift lookup, trust "
+        "check, reference-row encoding); the in-pass reference rows' compute is not included")
 
 
 def log_decision(decision: GuardDecision) -> None:

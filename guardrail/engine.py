@@ -23,7 +23,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
-from guardrail.calibration import dataset_shift_sums, reference_shifts
+from guardrail.calibration import capture_states, dataset_shift_sums, reference_shifts
 from guardrail.config import GuardConfig, Mode
 from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import (
@@ -36,6 +36,7 @@ from guardrail.fingerprint import fingerprint_model
 from guardrail.hooks import CorrectionPlan, DecoderHooks, Lockstep
 from guardrail.images import ImageInput
 from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
+from guardrail.trust import AnchorStats, calibrate_threshold
 from shift_store import (
     CachedShiftSource,
     Lookup,
@@ -279,11 +280,21 @@ class GuardedVLM:
         steps are then not corrected). With ``activate`` the result becomes this model's
         dataset-level shift.
         """
-        prompt_sum, decode_sum, count = dataset_shift_sums(
-            self, samples, batch_size=batch_size, decode_tokens=decode_tokens, progress=progress)
-        decode = None if decode_sum is None else (decode_sum / count).float()
-        shift = self._make_shift((prompt_sum / count).float(), "dataset", count, anchor_name,
-                                 decode)
+        sums = dataset_shift_sums(self, samples, batch_size=batch_size,
+                                  decode_tokens=decode_tokens, progress=progress)
+        n = sums.count
+        mean = sums.text_sum / n
+        std = (sums.text_square_sum / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)
+        mean, std = mean.float(), std.float()
+        meta = ShiftMeta(
+            model=self.fingerprint, level="dataset", corruption=self.config.corruption.tag,
+            anchor_name=anchor_name, anchor_size=n, library_version=__version__,
+            anchor_distance_threshold=calibrate_threshold(mean, std, sums.text_sample),
+        )
+        shift = ShiftVector(
+            vectors=(sums.prompt / n).float(), meta=meta, anchor_mean=mean, anchor_std=std,
+            decode_vectors=None if sums.decode is None else (sums.decode / n).float(),
+        )
         if activate:
             self.set_dataset_shift(shift)
         return shift
@@ -296,18 +307,23 @@ class GuardedVLM:
         generation pass itself, at every generated token.
         """
         rendering = render_request(GuardRequest(prompt, images))
-        delta = reference_shifts(self, [rendering])[:, 0, 0].cpu()
-        return self._make_shift(delta, "sample", 1)
+        delta = reference_shifts(self, [rendering])[0][:, 0, 0].cpu()
+        meta = ShiftMeta(model=self.fingerprint, level="sample", anchor_size=1,
+                         corruption=self.config.corruption.tag, library_version=__version__)
+        return ShiftVector(vectors=delta.float().contiguous(), meta=meta)
 
-    def _make_shift(self, vectors: torch.Tensor, level: str, size: int,
-                    anchor_name: str | None = None,
-                    decode_vectors: torch.Tensor | None = None) -> ShiftVector:
-        meta = ShiftMeta(
-            model=self.fingerprint, level=level, corruption=self.config.corruption.tag,
-            anchor_name=anchor_name, anchor_size=size, library_version=__version__,
-        )
-        return ShiftVector(vectors=vectors.float().contiguous(), meta=meta,
-                           decode_vectors=decode_vectors)
+    def anchor_stats(self) -> AnchorStats | None:
+        """Anchor statistics of the dataset-level shift in use (for the trust policy)."""
+        shift = self.dataset_shift
+        if shift is None or shift.anchor_mean is None or shift.anchor_std is None:
+            return None
+        return AnchorStats(shift.anchor_mean, shift.anchor_std,
+                           shift.meta.anchor_distance_threshold or float("inf"))
+
+    def text_state(self, request: GuardRequest) -> torch.Tensor:
+        """Final-layer text-only state of the request's last prompt token (one prefill)."""
+        rendering = text_only(render_request(request))
+        return capture_states(self, [rendering])[-1, 0, 0]
 
     # ----------------------------------------------------------------- generation
 
@@ -386,8 +402,11 @@ class GuardedVLM:
         rendering = render_request(request)
         mode = request.mode or cfg.mode
         alpha = cfg.alpha if request.alpha is None else float(request.alpha)
+        if request.trusted is False and mode in ("auto", "dataset"):
+            mode = "sample"  # untrusted input: a shift measured on this very input
         decision = GuardDecision(
-            call_id=uuid.uuid4().hex, model=self.fingerprint.id,
+            call_id=uuid.uuid4().hex, app=request.app, model=self.fingerprint.id,
+            trusted=request.trusted, trust_reason=request.trust_reason,
             multimodal=rendering.multimodal, guarded=False, mode_requested=mode,
             mode_used="text-only", alpha=alpha, layers=self.layer_indices(cfg),
             positions=cfg.positions, stacking=cfg.stacking, reason="no image: passed through",
@@ -404,6 +423,8 @@ class GuardedVLM:
             shift = lookup.vector
             if lookup.note:
                 decision.fallbacks.append(lookup.note)
+            if shift is not None and self._source is not None:
+                decision.shift_key, decision.shift_version = self._source.key.name, lookup.version
         if mode in ("dataset", "auto") and shift is not None:
             self.check_shift(shift)
             row.shift = shift

@@ -24,6 +24,8 @@ class GuardRequest:
     ``prompt`` is a user text (images are placed before it) or a list of chat messages whose
     content holds ``{"type": "image"}`` parts, one per image, in order. ``alpha``, ``mode`` and
     ``shift`` override the model's :class:`~guardrail.GuardConfig` for this request only.
+    ``trusted=False`` forces a sample-level shift; ``app`` and ``trust_reason`` are recorded in
+    the decision.
     """
 
     prompt: str | Sequence[Message]
@@ -31,6 +33,9 @@ class GuardRequest:
     alpha: float | None = None
     mode: Mode | None = None
     shift: ShiftVector | None = None
+    app: str | None = None
+    trusted: bool | None = None
+    trust_reason: str | None = None
 
 
 @dataclass(frozen=True)

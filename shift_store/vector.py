@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 
 FORMAT_VERSION = 1
 _TENSOR = "shift"
-_DECODE_TENSOR = "decode_shift"
+_OPTIONAL_TENSORS = ("decode_vectors", "anchor_mean", "anchor_std")
 _META = "cmrm_meta"
 _MAX_HEADER = 1 << 20
 
@@ -60,6 +60,7 @@ class ShiftMeta(BaseModel):
     anchor_size: int = Field(ge=1)
     library_version: str
     format_version: int = FORMAT_VERSION
+    anchor_distance_threshold: float | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     extra: dict[str, str] = Field(default_factory=dict)
 
@@ -70,21 +71,26 @@ class ShiftVector:
 
     ``vectors`` is measured at the last prompt token; ``decode_vectors`` (optional) is the mean
     shift over generated tokens, which points elsewhere (see docs/defaults.md) and is applied at
-    decode steps. Validated on construction; the tensors must not be mutated afterwards (the
-    checksum is cached).
+    decode steps. ``anchor_mean`` and ``anchor_std`` (``[hidden]``, optional) describe the anchor
+    set's text-only final states, for the anchor-distance trust policy. Validated on
+    construction; the tensors must not be mutated afterwards (the checksum is cached).
     """
 
     vectors: torch.Tensor
     meta: ShiftMeta
     decode_vectors: torch.Tensor | None = None
+    anchor_mean: torch.Tensor | None = None
+    anchor_std: torch.Tensor | None = None
     checksum: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        expected = (self.meta.model.num_layers, self.meta.model.hidden_size)
+        layers, hidden = self.meta.model.num_layers, self.meta.model.hidden_size
         digest = hashlib.sha256()
-        for tensor in (self.vectors, self.decode_vectors):
+        for name in ("vectors", *_OPTIONAL_TENSORS):
+            tensor = getattr(self, name)
             if tensor is None:
                 continue
+            expected = (hidden,) if name.startswith("anchor") else (layers, hidden)
             if tensor.dtype != torch.float32 or tuple(tensor.shape) != expected:
                 raise ShiftFormatError(
                     f"shift vectors must be float32 of shape {expected}, "
@@ -104,8 +110,9 @@ class ShiftVector:
         """Serialize as safetensors, metadata and checksum inside. Never pickle."""
         header = {_META: self.meta.model_dump_json(), "sha256": self.checksum}
         tensors = {_TENSOR: self.vectors.contiguous()}
-        if self.decode_vectors is not None:
-            tensors[_DECODE_TENSOR] = self.decode_vectors.contiguous()
+        for name in _OPTIONAL_TENSORS:
+            if getattr(self, name) is not None:
+                tensors[name] = getattr(self, name).contiguous()
         return st_save(tensors, metadata=header)
 
     @classmethod
@@ -115,8 +122,8 @@ class ShiftVector:
             tensors = st_load(payload)
             header = _safetensors_metadata(payload)
             meta = ShiftMeta.model_validate_json(header[_META])
-            vector = cls(vectors=tensors[_TENSOR], meta=meta,
-                         decode_vectors=tensors.get(_DECODE_TENSOR))
+            optional = {name: tensors.get(name) for name in _OPTIONAL_TENSORS}
+            vector = cls(vectors=tensors[_TENSOR], meta=meta, **optional)
         except (SafetensorError, ValidationError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise ShiftFormatError(f"unreadable shift payload: {e}") from e
         if vector.checksum != header.get("sha256"):

@@ -1,0 +1,106 @@
+"""End-to-end ``generate`` latency with and without CMRM, as ratios to unguarded in the same run.
+
+Variants, each forced to exactly N new tokens:
+* ``unguarded``       - mode off;
+* ``dataset``         - dataset-level shift (one subtraction per edited layer and step);
+* ``sample-3pass``    - the paper's sample level: two prefill-only reference passes, then
+                        generation with that fixed shift (three sequential passes);
+* ``sample-lockstep`` - this project's sample level: the two reference rows ride in the same
+                        batched pass and are fed each generated token.
+Prints a table (median and min-max over repeats) and a final JSON line. Peak memory is not
+measured here on CPU; see RESULTS.md.
+
+    python bench/overhead.py [--fixtures tiny smollm] [--tokens 32 128] [--batch 1 8]
+                             [--repeats 3] [--model PATH --device cuda --dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from guardrail import GuardConfig, GuardedVLM, GuardRequest
+from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
+
+VARIANTS = ("unguarded", "dataset", "sample-3pass", "sample-lockstep")
+
+
+def _sync(vlm: GuardedVLM) -> None:
+    if vlm.model.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tokens: int) -> float:
+    _sync(vlm)
+    started = time.perf_counter()
+    if variant == "sample-3pass":
+        requests = [GuardRequest(r.prompt, r.images, mode="dataset",
+                                 shift=vlm.compute_sample_shift(r.prompt, r.images))
+                    for r in requests]
+    else:
+        mode = {"unguarded": "off", "dataset": "dataset", "sample-lockstep": "sample"}[variant]
+        requests = [GuardRequest(r.prompt, r.images, mode=mode) for r in requests]
+    vlm.generate_batch(requests, max_new_tokens=tokens, min_new_tokens=tokens)
+    _sync(vlm)
+    return time.perf_counter() - started
+
+
+def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[int],
+            repeats: int) -> list[dict]:
+    prompts = anchor_prompts()
+    rows = []
+    for batch in batches:
+        requests = [GuardRequest(prompts[i % len(prompts)], [synthetic_image(i)])
+                    for i in range(batch)]
+        for tokens in tokens_list:
+            for variant in VARIANTS:  # warm-up
+                run_variant(vlm, variant, requests[:1], 2)
+            times = {v: [] for v in VARIANTS}
+            for _ in range(repeats):  # interleaved, so drift hits every variant alike
+                for variant in VARIANTS:
+                    times[variant].append(run_variant(vlm, variant, requests, tokens))
+            base = statistics.median(times["unguarded"])
+            for variant in VARIANTS:
+                ratios = [t / base for t in times[variant]]
+                rows.append({
+                    "fixture": name, "batch": batch, "new_tokens": tokens, "variant": variant,
+                    "median_s": round(statistics.median(times[variant]), 4),
+                    "ratio": round(statistics.median(ratios), 3),
+                    "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+                })
+                r = rows[-1]
+                print(f"{name:8} b={batch:<2} N={tokens:<4} {variant:16} "
+                      f"{r['median_s']:>8.3f}s  x{r['ratio']:.3f} "
+                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fixtures", nargs="*", default=["tiny", "smollm"])
+    parser.add_argument("--model", help="a checkpoint folder instead of the fixtures")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--tokens", nargs="*", type=int, default=[32, 128])
+    parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    targets = [(args.model, args.model)] if args.model else [
+        (name, str(fixture_path(name))) for name in args.fixtures]
+    rows = []
+    for name, path in targets:
+        vlm = GuardedVLM.from_pretrained(path, config=GuardConfig(), device=args.device,
+                                         dtype=getattr(torch, args.dtype) if args.dtype else None)
+        vlm.compute_dataset_shift(anchor_prompts()[:8], batch_size=8, progress=False)
+        rows += measure(vlm, name, args.tokens, args.batch, args.repeats)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    print(json.dumps({"benchmark": "overhead", "device": device,
+                      "threads": torch.get_num_threads(), "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
