@@ -34,6 +34,7 @@ class GuardDecision(BaseModel):
     shift_level: Literal["dataset", "sample"] | None = None
     shift_norm: float | None = Field(default=None, description="‖Δ‖ at the last edited layer")
     fallbacks: list[str] = Field(default_factory=list)
+    batch_rows: int = Field(default=1, description="requests in the batched pass of this call")
     reason: str
     added_latency_ms: float = Field(
         default=0.0, description="guard preparation before generation (shift lookup, trust "

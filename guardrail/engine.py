@@ -535,6 +535,7 @@ class GuardedVLM:
             tokens = output[i, prompt_length:].tolist()
             cut = next((j for j, t in enumerate(tokens) if t in stops), len(tokens))
             tokens = tokens[:cut]
+            row.decision.batch_rows = len(rows)
             if row.decision.guarded:
                 row.decision.added_latency_ms = round(guard_ms, 3)
             log_decision(row.decision)

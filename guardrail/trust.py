@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
@@ -26,6 +26,7 @@ class Verdict:
     reason: str
 
 
+@runtime_checkable
 class TrustPolicy(Protocol):
     """Classifies one call. Plug in your own by implementing ``classify``."""
 

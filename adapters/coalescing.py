@@ -1,0 +1,80 @@
+"""Dynamic batching: requests that arrive together run as one batched engine pass."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+from guardrail import GuardedOutput, GuardRequest
+
+RunBatch = Callable[[list[GuardRequest], dict[str, Any]], list[GuardedOutput]]
+
+
+@dataclass
+class _Group:
+    requests: list[GuardRequest] = field(default_factory=list)
+    results: list[GuardedOutput | Exception] = field(default_factory=list)
+    error: BaseException | None = None
+    closed: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class RequestCoalescer:
+    """Collects requests with equal generation settings for ``window_s`` and runs them as one
+    batch. If the batch fails, each request is retried alone, so that one bad request (or one
+    that fails closed) does not fail its neighbours."""
+
+    def __init__(self, run_batch: RunBatch, window_s: float = 0.005, max_batch: int = 16) -> None:
+        self._run_batch, self.window_s, self.max_batch = run_batch, window_s, max_batch
+        self._lock = threading.Lock()
+        self._open: dict[Hashable, _Group] = {}
+
+    def submit(self, request: GuardRequest, settings: dict[str, Any]) -> GuardedOutput:
+        """Run ``request`` (possibly with others) and return its output."""
+        if self.window_s <= 0:
+            return self._run_batch([request], settings)[0]
+        key = json.dumps(settings, sort_keys=True, default=str)
+        with self._lock:
+            group = self._open.get(key)
+            leader = group is None or group.closed or len(group.requests) >= self.max_batch
+            if leader:
+                group = self._open[key] = _Group()
+            slot = len(group.requests)
+            group.requests.append(request)
+        if leader:
+            time.sleep(self.window_s)
+            with self._lock:
+                group.closed = True
+                if self._open.get(key) is group:
+                    del self._open[key]
+            self._run(group, settings)
+        else:
+            group.done.wait()
+        if group.error is not None:
+            raise group.error
+        outcome = group.results[slot]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _run(self, group: _Group, settings: dict[str, Any]) -> None:
+        try:
+            group.results = self._run_batch(group.requests, settings)
+        except BaseException as batch_error:
+            if len(group.requests) == 1:
+                group.error = batch_error
+            else:
+                group.results = [self._run_alone(r, settings) for r in group.requests]
+        finally:
+            group.done.set()
+
+    def _run_alone(self, request: GuardRequest,
+                   settings: dict[str, Any]) -> GuardedOutput | Exception:
+        try:
+            return self._run_batch([request], settings)[0]
+        except Exception as e:  # delivered to that request's caller
+            return e

@@ -1,0 +1,212 @@
+"""ChatGuardedVLM: a LangChain chat model over a local VLM, with CMRM on every multimodal call.
+
+Drop it in wherever a chat model goes: ``invoke``, ``stream``, ``batch`` and their async forms
+work as usual. Text-only conversations pass straight through. Every call's safety decision is
+returned in ``response_metadata["safety"]``, logged on ``guardrail.decisions`` and sent to
+LangChain callbacks as the custom event ``guardrail_decision``. No tool calling.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from pydantic import ConfigDict, Field, PrivateAttr
+from transformers import TextIteratorStreamer
+
+from adapters.coalescing import RequestCoalescer
+from adapters.messages import to_conversation
+from adapters.remote_images import RemoteImageFetcher
+from guardrail import GuardConfig, GuardedOutput, GuardedVLM, GuardRequest
+from guardrail.anchors import BUNDLED_ANCHORS
+from guardrail.config import Mode
+from guardrail.registry import shared_model
+from guardrail.trust import POLICIES, TrustInput, TrustPolicy
+from shift_store import LocalShiftStore, ShiftStore, open_store
+
+Trust = Literal["trusted", "untrusted"]
+
+
+class ChatGuardedVLM(BaseChatModel):
+    """A local vision-language model behind CMRM, as a LangChain chat model.
+
+    ``model`` is a hub name or local folder; several instances with different ``app`` and
+    ``alpha`` share one loaded model. ``store`` is a shift store URL (None: the embedded folder
+    store); the store namespace is ``app``. ``trust_policy`` is one of ``always-trusted``,
+    ``always-untrusted``, ``image-source``, ``anchor-distance`` or your own
+    :class:`~guardrail.trust.TrustPolicy`; ``invoke(..., trust="untrusted")`` overrides it.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
+
+    model: str
+    app: str = "default"
+    alpha: float = Field(default=1.0, ge=0.0)
+    mode: Mode = "auto"
+    layers: tuple[int, ...] | None = None
+    on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
+    store: str | None = None
+    anchor_name: str = BUNDLED_ANCHORS
+    trust_policy: str | TrustPolicy = "always-trusted"
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    device: str | None = None
+    dtype: str | None = None
+    allow_image_hosts: list[str] | None = None
+    max_image_bytes: int = 10_000_000
+    image_timeout_s: float = 5.0
+    batch_window_ms: float = 5.0
+
+    _vlm: GuardedVLM = PrivateAttr()
+    _policy: TrustPolicy = PrivateAttr()
+    _fetcher: RemoteImageFetcher = PrivateAttr()
+    _coalescer: RequestCoalescer = PrivateAttr()
+
+    def model_post_init(self, _context: Any) -> None:
+        base = shared_model(self.model, self.device, self.dtype)
+        config = GuardConfig(alpha=self.alpha, mode=self.mode, layers=self.layers,
+                             on_unavailable=self.on_unavailable)
+        self._vlm = base.with_config(config)
+        self._vlm.use_store(self._open_store(), anchor_name=self.anchor_name)
+        policy = self.trust_policy
+        self._policy = POLICIES[policy]() if isinstance(policy, str) else policy
+        self._fetcher = RemoteImageFetcher(allow_hosts=self.allow_image_hosts,
+                                           max_bytes=self.max_image_bytes,
+                                           timeout_s=self.image_timeout_s)
+        self._coalescer = RequestCoalescer(self._run_batch, self.batch_window_ms / 1000)
+
+    def _open_store(self) -> ShiftStore:
+        """The configured store, in the app's namespace unless the URL names one."""
+        if self.store is None:
+            return LocalShiftStore(namespace=self.app)
+        parts = urlsplit(self.store)
+        query = dict(parse_qsl(parts.query))
+        query.setdefault("namespace", self.app)
+        return open_store(urlunsplit(parts._replace(query=urlencode(query))))
+
+    @property
+    def _llm_type(self) -> str:
+        return "cmrm-guarded-vlm"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"model": self.model, "app": self.app, "alpha": self.alpha, "mode": self.mode}
+
+    @property
+    def guarded_model(self) -> GuardedVLM:
+        """The engine view this chat model runs on."""
+        return self._vlm
+
+    # ----------------------------------------------------------------- requests
+
+    def _request(self, messages: list[BaseMessage], trust: Trust | None) -> GuardRequest:
+        started = time.perf_counter()
+        conversation = to_conversation(messages, self._fetcher)
+        request = GuardRequest(conversation.messages, conversation.images, app=self.app)
+        if not conversation.images:
+            return request
+        if trust is not None:
+            trusted, reason = trust == "trusted", f"caller override: {trust}"
+        else:
+            verdict = self._policy.classify(
+                TrustInput(tuple(conversation.sources), lambda: self._vlm.text_state(request)),
+                self._vlm.anchor_stats())
+            trusted, reason = verdict.trusted, verdict.reason
+        reason += f" (checked in {(time.perf_counter() - started) * 1e3:.1f} ms)"
+        return GuardRequest(conversation.messages, conversation.images, app=self.app,
+                            trusted=trusted, trust_reason=reason)
+
+    def _settings(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
+        temperature = kwargs.get("temperature", self.temperature)
+        settings: dict[str, Any] = {
+            "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
+            "do_sample": temperature > 0,
+        }
+        if temperature > 0:
+            settings.update(temperature=temperature, top_p=kwargs.get("top_p", self.top_p))
+        if stop:
+            settings["stop_strings"] = list(stop)
+        return settings
+
+    def _run_batch(self, requests: list[GuardRequest],
+                   settings: dict[str, Any]) -> list[GuardedOutput]:
+        extra = {"tokenizer": self._vlm.tokenizer} if "stop_strings" in settings else {}
+        return self._vlm.generate_batch(requests, **settings, **extra)
+
+    def _message(self, text: str, output: GuardedOutput, cls: type = AIMessage) -> BaseMessage:
+        usage = UsageMetadata(input_tokens=output.usage.prompt_tokens,
+                              output_tokens=output.usage.completion_tokens,
+                              total_tokens=output.usage.total_tokens)
+        return cls(content=text, usage_metadata=usage, response_metadata={
+            "model_name": self.model, "safety": output.decision.model_dump(mode="json")})
+
+    @staticmethod
+    def _cut_at_stop(text: str, stop: list[str] | None) -> str:
+        cuts = [text.index(s) for s in stop or [] if s in text]
+        return text[: min(cuts)] if cuts else text
+
+    def _report(self, output: GuardedOutput, run_manager: CallbackManagerForLLMRun | None) -> None:
+        if run_manager is not None:
+            run_manager.on_custom_event("guardrail_decision",
+                                        output.decision.model_dump(mode="json"),
+                                        run_id=run_manager.run_id)
+
+    # ----------------------------------------------------------------- LangChain API
+
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,
+                  **kwargs: Any) -> ChatResult:
+        request = self._request(messages, kwargs.get("trust"))
+        output = self._coalescer.submit(request, self._settings(stop, kwargs))
+        self._report(output, run_manager)
+        message = self._message(self._cut_at_stop(output.text, stop), output)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        request = self._request(messages, kwargs.get("trust"))
+        streamer = TextIteratorStreamer(self._vlm.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True)
+        result: dict[str, Any] = {}
+
+        def work() -> None:
+            try:
+                settings = {**self._settings(stop, kwargs), "streamer": streamer}
+                result["output"] = self._run_batch([request], settings)[0]
+            except BaseException as e:
+                result["error"] = e
+                streamer.end()
+
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        emitted, held = "", ""
+        keep = max((len(s) for s in stop or []), default=1) - 1
+        for piece in streamer:
+            held += piece
+            safe = self._cut_at_stop(held, stop)
+            if safe != held:  # a stop sequence appeared: emit up to it, then stop
+                held = safe
+                break
+            if len(held) > keep:
+                out, held = held[: len(held) - keep], held[len(held) - keep :]
+                emitted += out
+                if run_manager is not None:
+                    run_manager.on_llm_new_token(out)
+                yield ChatGenerationChunk(message=AIMessageChunk(content=out))
+        worker.join()
+        if "error" in result:
+            raise result["error"]
+        output: GuardedOutput = result["output"]
+        self._report(output, run_manager)
+        final = self._cut_at_stop(held, stop)
+        yield ChatGenerationChunk(message=self._message(final, output, AIMessageChunk))

@@ -1,0 +1,92 @@
+"""LangChain messages to engine requests: roles, text and images (with where they came from)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+)
+
+from adapters.remote_images import RemoteImageFetcher
+from guardrail.errors import InvalidImageError, InvalidInputError
+from guardrail.trust import ImageSource
+
+
+class UnsupportedContentError(InvalidInputError):
+    """A content block the guard cannot handle (audio, files...): refused, never passed on."""
+
+
+@dataclass
+class Conversation:
+    """Chat messages in the engine's format, the raw image bytes and each image's source."""
+
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    sources: list[ImageSource] = field(default_factory=list)
+
+
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, SystemMessage):
+        return "system"
+    if isinstance(message, HumanMessage):
+        return "user"
+    if isinstance(message, AIMessage):
+        return "assistant"
+    if isinstance(message, ChatMessage):
+        return message.role
+    raise UnsupportedContentError(f"{type(message).__name__} is not supported (no tool calling)")
+
+
+def _decode_base64(data: str) -> bytes:
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidImageError(f"image data is not valid base64: {e}") from e
+
+
+def _image_bytes(block: dict[str, Any], fetcher: RemoteImageFetcher) -> tuple[bytes, ImageSource]:
+    if block.get("base64"):
+        return _decode_base64(block["base64"]), "inline"
+    url = block.get("url") or ""
+    if url.startswith("data:"):
+        header, _, data = url.partition(",")
+        if ";base64" not in header:
+            raise InvalidImageError("data URLs must be base64-encoded")
+        return _decode_base64(data), "inline"
+    if url:
+        return fetcher.fetch(url), "remote"
+    raise InvalidImageError("image block has neither data nor URL")
+
+
+def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher) -> Conversation:
+    """Convert LangChain messages (OpenAI ``image_url`` blocks, v1 image blocks, plain text)."""
+    conversation = Conversation()
+    for message in messages:
+        parts: list[dict[str, Any]] = []
+        for block in message.content_blocks:
+            kind = block.get("type")
+            if kind == "text":
+                parts.append({"type": "text", "text": block["text"]})
+            elif kind == "image":
+                data, source = _image_bytes(block, fetcher)
+                conversation.images.append(data)
+                conversation.sources.append(source)
+                parts.append({"type": "image"})
+            elif kind in ("reasoning", "tool_call", "tool_call_chunk", "invalid_tool_call"):
+                continue  # history the model produced itself; no text to replay
+            else:
+                raise UnsupportedContentError(f"content block of type {kind!r} is not supported")
+        has_image = any(p["type"] == "image" for p in parts)
+        content: str | list[dict[str, Any]] = (
+            parts if has_image else "".join(p["text"] for p in parts))
+        conversation.messages.append({"role": _role(message), "content": content})
+    return conversation
