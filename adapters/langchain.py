@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from langchain_core.callbacks import CallbackManagerForLLMRun
-from langchain_core.language_models import BaseChatModel
+from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
@@ -28,6 +28,7 @@ from adapters.remote_images import RemoteImageFetcher
 from guardrail import GuardConfig, GuardedOutput, GuardedVLM, GuardRequest
 from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.config import Mode
+from guardrail.errors import GuardrailError, InvalidInputError
 from guardrail.registry import shared_model
 from guardrail.trust import POLICIES, TrustInput, TrustPolicy
 from shift_store import LocalShiftStore, ShiftStore, open_store
@@ -40,7 +41,9 @@ class ChatGuardedVLM(BaseChatModel):
 
     ``model`` is a hub name or local folder; several instances with different ``app`` and
     ``alpha`` share one loaded model. ``store`` is a shift store URL (None: the embedded folder
-    store); the store namespace is ``app``. ``trust_policy`` is one of ``always-trusted``,
+    store); the store namespace is ``app``. The dataset-level shift is looked up under
+    ``anchor_name`` and, on a miss, computed from ``anchors`` (default: the bundled set).
+    ``trust_policy`` is one of ``always-trusted``,
     ``always-untrusted``, ``image-source``, ``anchor-distance`` or your own
     :class:`~guardrail.trust.TrustPolicy`; ``invoke(..., trust="untrusted")`` overrides it.
     """
@@ -55,13 +58,16 @@ class ChatGuardedVLM(BaseChatModel):
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
     store: str | None = None
     anchor_name: str = BUNDLED_ANCHORS
+    anchors: list[str] | None = None
     trust_policy: str | TrustPolicy = "always-trusted"
     max_tokens: int = 256
+    stop: list[str] | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     device: str | None = None
     dtype: str | None = None
     allow_image_hosts: list[str] | None = None
+    allow_image_networks: list[str] = Field(default_factory=list)
     max_image_bytes: int = 10_000_000
     image_timeout_s: float = 5.0
     batch_window_ms: float = 5.0
@@ -76,10 +82,12 @@ class ChatGuardedVLM(BaseChatModel):
         config = GuardConfig(alpha=self.alpha, mode=self.mode, layers=self.layers,
                              on_unavailable=self.on_unavailable)
         self._vlm = base.with_config(config)
-        self._vlm.use_store(self._open_store(), anchor_name=self.anchor_name)
+        self._vlm.use_store(self._open_store(), anchor_name=self.anchor_name,
+                            anchors=self.anchors)
         policy = self.trust_policy
         self._policy = POLICIES[policy]() if isinstance(policy, str) else policy
         self._fetcher = RemoteImageFetcher(allow_hosts=self.allow_image_hosts,
+                                           allow_networks=self.allow_image_networks,
                                            max_bytes=self.max_image_bytes,
                                            timeout_s=self.image_timeout_s)
         self._coalescer = RequestCoalescer(self._run_batch, self.batch_window_ms / 1000)
@@ -101,6 +109,14 @@ class ChatGuardedVLM(BaseChatModel):
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self.model, "app": self.app, "alpha": self.alpha, "mode": self.mode}
 
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        params.update(ls_provider="cmrm-guardrail", ls_model_name=kwargs.get("model", self.model),
+                      ls_max_tokens=self.max_tokens, ls_temperature=self.temperature)
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
     @property
     def guarded_model(self) -> GuardedVLM:
         """The engine view this chat model runs on."""
@@ -108,8 +124,20 @@ class ChatGuardedVLM(BaseChatModel):
 
     # ----------------------------------------------------------------- requests
 
-    def _request(self, messages: list[BaseMessage], trust: Trust | None) -> GuardRequest:
+    def _request(self, messages: list[BaseMessage], kwargs: dict[str, Any]) -> GuardRequest:
+        try:
+            return self._classified_request(messages, kwargs)
+        except GuardrailError as e:
+            self._vlm.record_refusal(e, self.app)
+            raise
+
+    def _classified_request(self, messages: list[BaseMessage],
+                            kwargs: dict[str, Any]) -> GuardRequest:
         started = time.perf_counter()
+        if kwargs.get("model", self.model) != self.model:
+            raise InvalidInputError(
+                f"per-call model override is not supported: this chat model runs {self.model}")
+        trust: Trust | None = kwargs.get("trust")
         conversation = to_conversation(messages, self._fetcher)
         request = GuardRequest(conversation.messages, conversation.images, app=self.app)
         if not conversation.images:
@@ -155,17 +183,21 @@ class ChatGuardedVLM(BaseChatModel):
         return text[: min(cuts)] if cuts else text
 
     def _report(self, output: GuardedOutput, run_manager: CallbackManagerForLLMRun | None) -> None:
-        if run_manager is not None:
-            run_manager.on_custom_event("guardrail_decision",
-                                        output.decision.model_dump(mode="json"),
-                                        run_id=run_manager.run_id)
+        if run_manager is None:
+            return
+        dispatcher = CallbackManager(run_manager.handlers, run_manager.inheritable_handlers,
+                                     parent_run_id=run_manager.parent_run_id,
+                                     tags=run_manager.tags, metadata=run_manager.metadata)
+        dispatcher.on_custom_event("guardrail_decision", output.decision.model_dump(mode="json"),
+                                   run_id=run_manager.run_id)
 
     # ----------------------------------------------------------------- LangChain API
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> ChatResult:
-        request = self._request(messages, kwargs.get("trust"))
+        stop = stop or self.stop
+        request = self._request(messages, kwargs)
         output = self._coalescer.submit(request, self._settings(stop, kwargs))
         self._report(output, run_manager)
         message = self._message(self._cut_at_stop(output.text, stop), output)
@@ -174,7 +206,8 @@ class ChatGuardedVLM(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        request = self._request(messages, kwargs.get("trust"))
+        stop = stop or self.stop
+        request = self._request(messages, kwargs)
         streamer = TextIteratorStreamer(self._vlm.tokenizer, skip_prompt=True,
                                         skip_special_tokens=True)
         result: dict[str, Any] = {}

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 
 DECISION_LOGGER = logging.getLogger("guardrail.decisions")
 
-ModeUsed = Literal["dataset", "sample", "off", "text-only", "unguarded"]
+ModeUsed = Literal["dataset", "sample", "off", "text-only", "unguarded", "refused"]
 
 
 class GuardDecision(BaseModel):

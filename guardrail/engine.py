@@ -28,6 +28,7 @@ from guardrail.config import GuardConfig, Mode
 from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import (
     DecoderNotFoundError,
+    GuardrailError,
     GuardUnavailableError,
     InvalidInputError,
     ShiftMismatchError,
@@ -397,9 +398,26 @@ class GuardedVLM:
             for j, i in enumerate(batch.sample_rows):
                 batch.rows[i].decision.shift_norm = float(batch.plan.live_norms[j])
 
+    def record_refusal(self, error: GuardrailError, app: str | None = None) -> None:
+        """Log a ``refused`` decision for a request rejected as bad input, and attach it to
+        ``error`` (so that the caller gets the typed error and the record)."""
+        cfg = self.config
+        decision = GuardDecision(
+            call_id=uuid.uuid4().hex, app=app, model=self.fingerprint.id, multimodal=True,
+            guarded=False, mode_requested=cfg.mode, mode_used="refused", alpha=cfg.alpha,
+            layers=self.layer_indices(cfg), positions=cfg.positions, stacking=cfg.stacking,
+            reason=f"input refused: {type(error).__name__}: {error}",
+        )
+        log_decision(decision)
+        error.decision = decision
+
     def _plan_row(self, request: GuardRequest) -> _RowPlan:
         cfg = self.config
-        rendering = render_request(request)
+        try:
+            rendering = render_request(request)
+        except InvalidInputError as e:
+            self.record_refusal(e, request.app)
+            raise
         mode = request.mode or cfg.mode
         alpha = cfg.alpha if request.alpha is None else float(request.alpha)
         if request.trusted is False and mode in ("auto", "dataset"):

@@ -9,7 +9,12 @@ if TYPE_CHECKING:
 
 
 class GuardrailError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    ``decision`` holds the safety decision record of the refused call, when one was made.
+    """
+
+    decision: GuardDecision | None = None
 
 
 class InvalidInputError(GuardrailError, ValueError):
