@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
+import platformdirs
 import torch
 
+from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.config import GuardConfig
+from guardrail.datasets import DataReport, EvalSample, read_samples
 from guardrail.engine import GuardedVLM
 from guardrail.errors import GuardrailError
 from guardrail.prompts import GuardRequest
-from shift_store import open_store
+from shift_store import ShiftKey, open_store
 
 UNTRAINED_NOTICE = (
     "NOTE: the demo model is SmolLM2-135M-Instruct behind an UNTRAINED, random vision tower.\n"
@@ -59,12 +65,108 @@ def demo(args: argparse.Namespace) -> int:
             print(f"Q: {question}\nA: {out.text}")
             print(f"   decision: {out.decision.model_dump_json(include=_SHOWN)}")
         print()
+    from guardrail.datasets import EvalSample
+    from guardrail.evaluation import representation
+
+    folder = Path(args.plot).resolve().parent
+    samples = []
+    for i, question in enumerate(anchor_prompts()[1::2]):
+        path = folder / f".cmrm-demo-{i}.png"
+        synthetic_image(i).save(path)
+        samples.append(EvalSample(str(i), question, path))
+    try:
+        rep = representation(vlm, samples, "dataset", vlm.config.alpha, batch_size=8)
+    finally:
+        for sample in samples:
+            sample.image.unlink(missing_ok=True)
+    print(f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.1f}, "
+          f"corrected {rep.distance_corrected:.1f}; cluster separation: "
+          f"{rep.separation_multimodal:.2f} -> {rep.separation_corrected:.2f}")
+    from guardrail.plots import plot_pca
+
+    print(f"wrote {plot_pca(rep, args.plot, 'SmolLM2 fixture (untrained vision tower)')}\n")
     print(UNTRAINED_NOTICE)
     return 0
 
 
 _SHOWN = {"mode_used", "guarded", "alpha", "layers", "shift_level", "shift_norm",
           "added_latency_ms", "fallbacks"}
+
+
+def _requests(path: str, data_format: str, images: str | None, mapping: str | None,
+              skip_bad: bool, report: DataReport) -> list[EvalSample]:
+    samples = list(read_samples(path, data_format, images=images, mapping=mapping,
+                                skip_bad=skip_bad, report=report))
+    if report.skipped:
+        print(f"skipped {report.skipped} bad row(s); first: {report.reasons[0]}",
+              file=sys.stderr)
+    return samples
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """Compute the dataset-level shift of a model on an anchor file and store it."""
+    report = DataReport()
+    samples = _requests(args.anchor, args.format, args.images, args.mapping, args.skip_bad,
+                        report)
+    config = GuardConfig(corruption={"kind": args.corruption, "seed": args.seed})
+    vlm = GuardedVLM.from_pretrained(args.model, config=config, device=args.device,
+                                     dtype=args.dtype)
+    store = open_store(_with_namespace(args.store, args.app))
+    name = args.anchor_name or Path(args.anchor).stem
+    requests = [GuardRequest(s.prompt, [s.image] if s.image else []) for s in samples]
+    started = time.perf_counter()
+    shift = vlm.compute_dataset_shift(requests, batch_size=args.batch_size, anchor_name=name,
+                                      activate=False)
+    key = ShiftKey(model_id=vlm.fingerprint.id, corruption=config.corruption.tag, anchor=name)
+    version = store.put(key, shift)  # only a complete vector is ever written
+    norms = " ".join(f"{n:.1f}" for n in shift.norms.tolist())
+    print(f"model {vlm.fingerprint.name_or_path} ({vlm.fingerprint.id}); {shift.meta.anchor_size} "
+          f"anchors ({report.skipped} skipped) in {time.perf_counter() - started:.1f} s")
+    print(f"stored under {key.name} in {store!r}, version {version[:12]}")
+    print(f"per-layer |shift|: {norms}")
+    print(f"anchor-distance threshold: {shift.meta.anchor_distance_threshold:.3f}")
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """The paper's evaluation table, JSON and plots."""
+    from guardrail.evaluation import as_json, evaluate, table
+    from guardrail.judges import make_judge
+
+    report = DataReport()
+    samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad,
+                        report)
+    vlm = GuardedVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    modes = args.modes.split(",")
+    if "dataset" in modes:
+        lookup = vlm.use_store(_with_namespace(args.store, args.app),
+                               anchor_name=args.anchor_name or BUNDLED_ANCHORS)
+        if lookup.vector is None:
+            raise GuardrailError(f"no dataset-level shift: {lookup.note}; run guardrail calibrate")
+    judge = make_judge(args.judge, cache_dir=args.judge_cache)
+    results, rep = evaluate(vlm, samples, judge, modes=modes, alphas=args.alpha,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    print(table(results, rep))
+    print(f"judge: {judge.name}; {len(samples)} samples, {report.skipped} skipped")
+    if args.json:
+        payload = as_json(results, rep) | {"judge": judge.name, "skipped": report.skipped}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+    if args.plot:
+        from guardrail.plots import plot_alpha_sweep, plot_pca
+
+        if rep is not None:
+            print(f"wrote {plot_pca(rep, args.plot)}")
+        if len(args.alpha) > 1:
+            sweep = Path(args.plot).with_name(Path(args.plot).stem + "-alpha.png")
+            print(f"wrote {plot_alpha_sweep(results, sweep)}")
+    return 0
+
+
+def _with_namespace(url: str | None, app: str) -> str | None:
+    if url is None:
+        return f"file://{platformdirs.user_cache_dir('cmrm-guardrail')}?namespace={app}"
+    separator = "&" if "?" in url else "?"
+    return url if "namespace=" in url else f"{url}{separator}namespace={app}"
 
 
 def chat(args: argparse.Namespace) -> int:
@@ -77,13 +179,52 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--format", default="jsonl",
+                   choices=["jsonl", "vlsafe", "jailbreakllms", "llava-bench"])
+    p.add_argument("--images", help="folder the image names are relative to")
+    p.add_argument("--mapping", help="JSON {q_id: image file} for the JailbreakLLMs CSV")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows")
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="hub name or local folder")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="for example bfloat16")
+    p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
+    p.add_argument("--app", default="default", help="store namespace")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("calibrate", help="compute and store a dataset-level shift")
+    _model_options(p)
+    _data_options(p)
+    p.add_argument("--anchor", required=True, help="anchor data file")
+    p.add_argument("--anchor-name", default=None, help="store key name (default: file stem)")
+    p.add_argument("--corruption", default="blank", choices=["blank", "noise"])
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.set_defaults(func=calibrate)
+    p = commands.add_parser("eval", help="unsafe rates per mode, like the paper")
+    _model_options(p)
+    _data_options(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--modes", default="vlm,text-only,caption,dataset,sample")
+    p.add_argument("--alpha", type=float, nargs="+", default=[1.0])
+    p.add_argument("--anchor-name", default=None, help="dataset shift to use (store key name)")
+    p.add_argument("--judge", default="refusal", help="refusal | http | hf:MODEL")
+    p.add_argument("--judge-cache", default=None, help="folder caching http judge answers")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--json", help="write all numbers here")
+    p.add_argument("--plot", help="PCA picture (PNG); with several --alpha also an alpha sweep")
+    p.set_defaults(func=evaluate_command)
     p = commands.add_parser("demo", help="offline demo on the embedded SmolLM2 fixture")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
+    p.add_argument("--plot", default="cmrm-demo-pca.png", help="where to write the PCA picture")
     p.set_defaults(func=demo)
     p = commands.add_parser("chat", help="one guarded answer plus its decision")
     p.add_argument("--model", required=True, help="hub name or local folder")
@@ -102,9 +243,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         return args.func(args)
-    except GuardrailError as e:
+    except (GuardrailError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

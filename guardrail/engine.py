@@ -34,7 +34,7 @@ from guardrail.errors import (
     ShiftMismatchError,
 )
 from guardrail.fingerprint import fingerprint_model
-from guardrail.hooks import CorrectionPlan, DecoderHooks, Lockstep
+from guardrail.hooks import CapturePlan, ChainedPlan, CorrectionPlan, DecoderHooks, Lockstep
 from guardrail.images import ImageInput
 from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
 from guardrail.trust import AnchorStats, calibrate_threshold
@@ -377,6 +377,16 @@ class GuardedVLM:
             logits = self.model(**batch.inputs, use_cache=True, logits_to_keep=1).logits
         self._record_live_norms(batch)
         return logits[: len(batch.rows), -1].float(), [row.decision for row in batch.rows]
+
+    @torch.no_grad()
+    def final_states(self, requests: Sequence[GuardRequest]) -> torch.Tensor:
+        """Last decoder layer's output at the last prompt token, after any correction:
+        ``[batch, hidden]`` float32 (the representation the paper's plots show)."""
+        batch = self._prepare(requests)
+        capture = CapturePlan([self.num_layers - 1])
+        with self.hooks.activate(ChainedPlan(batch.plan, capture)):
+            self.model(**batch.inputs, use_cache=False, logits_to_keep=1)
+        return capture.stacked([self.num_layers - 1])[0, : len(batch.rows), 0].cpu()
 
     def _prepare(self, requests: Sequence[GuardRequest]) -> _Batch:
         started = time.perf_counter()

@@ -177,3 +177,17 @@ class CorrectionPlan:
             increment = live - self._previous_live
         self._previous_live = live
         return shift.index_add(0, step.main, (step.alpha * increment).unsqueeze(1))
+
+
+class ChainedPlan:
+    """Applies several plans in order (for example a correction, then a capture)."""
+
+    def __init__(self, *plans: LayerPlan | None) -> None:
+        self._plans = [plan for plan in plans if plan is not None]
+
+    def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        replaced = None
+        for plan in self._plans:
+            result = plan.on_output(layer, hidden if replaced is None else replaced)
+            replaced = result if result is not None else replaced
+        return replaced
