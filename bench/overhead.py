@@ -3,8 +3,11 @@
 Variants, each forced to exactly N new tokens:
 * ``unguarded``       - mode off;
 * ``dataset``         - dataset-level shift (one subtraction per edited layer and step);
-* ``sample-3pass``    - the paper's sample level: two prefill-only reference passes, then
-                        generation with that fixed shift (three sequential passes);
+* ``sample-3gen``     - three sequential generation passes (text-only, with the blank image,
+                        guarded): the cost of getting a per-token reference the naive way;
+* ``sample-3pass``    - two prefill-only reference passes, then generation with that fixed
+                        prompt shift (cheaper, but the prompt shift does not fit generated
+                        tokens: see docs/defaults.md);
 * ``sample-lockstep`` - this project's sample level: the two reference rows ride in the same
                         batched pass and are fed each generated token.
 Prints a table (median and min-max over repeats) and a final JSON line. Peak memory is not
@@ -24,9 +27,10 @@ import time
 import torch
 
 from guardrail import GuardConfig, GuardedVLM, GuardRequest
+from guardrail.images import corruption_image
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
-VARIANTS = ("unguarded", "dataset", "sample-3pass", "sample-lockstep")
+VARIANTS = ("unguarded", "dataset", "sample-3gen", "sample-3pass", "sample-lockstep")
 
 
 def _sync(vlm: GuardedVLM) -> None:
@@ -37,7 +41,15 @@ def _sync(vlm: GuardedVLM) -> None:
 def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tokens: int) -> float:
     _sync(vlm)
     started = time.perf_counter()
-    if variant == "sample-3pass":
+    if variant == "sample-3gen":
+        spec, size = vlm.config.corruption, vlm.default_image_size
+        text = [GuardRequest(r.prompt) for r in requests]
+        blank = [GuardRequest(r.prompt, [corruption_image(spec, size) for _ in r.images],
+                              mode="off") for r in requests]
+        for references in (text, blank):
+            vlm.generate_batch(references, max_new_tokens=tokens, min_new_tokens=tokens)
+        requests = [GuardRequest(r.prompt, r.images, mode="dataset") for r in requests]
+    elif variant == "sample-3pass":
         requests = [GuardRequest(r.prompt, r.images, mode="dataset",
                                  shift=vlm.compute_sample_shift(r.prompt, r.images))
                     for r in requests]

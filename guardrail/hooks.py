@@ -22,7 +22,13 @@ from guardrail.errors import GuardrailError
 
 
 class LayerPlan(Protocol):
-    """What to do with each decoder layer's output during one forward or ``generate`` call."""
+    """What to do with each decoder layer's output during one forward or ``generate`` call.
+
+    ``hooked`` names the layers (and :data:`EMBEDDINGS`) the plan needs to see; only those get a
+    hook, so layers a plan does not touch cost nothing per step.
+    """
+
+    hooked: frozenset[int]
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Return a replacement for ``hidden`` (``[batch, seq, hidden]``), or None to keep it."""
@@ -34,35 +40,35 @@ EMBEDDINGS = -1  # the layer index plans see for the input embedding module's ou
 
 
 class DecoderHooks:
-    """Installs dispatching hooks on ``layers`` (and the input embeddings) during :meth:`activate`.
-    """
+    """Installs dispatching hooks on decoder layers (and the input embeddings) while plans that
+    need them are active; each hook is reference-counted across concurrent calls."""
 
     def __init__(self, layers: Sequence[nn.Module], embeddings: nn.Module) -> None:
-        self._modules = [(i, layer) for i, layer in enumerate(layers)]
-        self._modules.append((EMBEDDINGS, embeddings))
+        self._modules = dict(enumerate(layers))
+        self._modules[EMBEDDINGS] = embeddings
         self._lock = threading.Lock()
-        self._users = 0
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._users: dict[int, int] = {}
+        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
 
     @contextmanager
     def activate(self, plan: LayerPlan) -> Iterator[None]:
         """Run the body with ``plan`` applied to this thread's (or task's) forward passes."""
         token = _ACTIVE.set((id(self), plan))
         with self._lock:
-            if self._users == 0:
-                self._handles = [module.register_forward_hook(self._make_hook(i))
-                                 for i, module in self._modules]
-            self._users += 1
+            for index in plan.hooked:
+                if self._users.get(index, 0) == 0:
+                    hook = self._make_hook(index)
+                    self._handles[index] = self._modules[index].register_forward_hook(hook)
+                self._users[index] = self._users.get(index, 0) + 1
         try:
             yield
         finally:
             _ACTIVE.reset(token)
             with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    for handle in self._handles:
-                        handle.remove()
-                    self._handles = []
+                for index in plan.hooked:
+                    self._users[index] -= 1
+                    if self._users[index] == 0:
+                        self._handles.pop(index).remove()
 
     def _make_hook(self, index: int):
         owner = id(self)
@@ -85,6 +91,7 @@ class CapturePlan:
 
     def __init__(self, layers: Sequence[int], span: int = 1) -> None:
         self._wanted = set(layers)
+        self.hooked = frozenset(self._wanted)
         self._span = span
         self.states: dict[int, torch.Tensor] = {}
 
@@ -127,6 +134,7 @@ class CorrectionPlan:
                  decode_shifts: torch.Tensor, prefill_mask: torch.Tensor,
                  lockstep: Lockstep | None = None, incremental: bool = True) -> None:
         self._slot = {layer: k for k, layer in enumerate(layers)}
+        self.hooked = frozenset(self._slot) | ({EMBEDDINGS} if lockstep else frozenset())
         self._prompt = prompt_shifts.unsqueeze(2)  # [K, batch, 1, hidden]
         self._decode = decode_shifts.unsqueeze(2)
         self._mask = prefill_mask.to(prompt_shifts.dtype).unsqueeze(-1)  # [batch, seq, 1]
@@ -184,6 +192,7 @@ class ChainedPlan:
 
     def __init__(self, *plans: LayerPlan | None) -> None:
         self._plans = [plan for plan in plans if plan is not None]
+        self.hooked = frozenset().union(*(plan.hooked for plan in self._plans))
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         replaced = None

@@ -24,7 +24,8 @@ def plain_smollm():
 
 
 def _hook_counts(vlm) -> list[int]:
-    return [len(layer._forward_hooks) for layer in vlm._layers]
+    modules = [*vlm._layers, vlm.model.get_input_embeddings()]
+    return [len(module._forward_hooks) for module in modules]
 
 
 def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
@@ -126,5 +127,5 @@ def test_no_hooks_left_after_call_exception_or_cancel(smollm_vlm, image, exc):
     with pytest.raises(type(exc)):
         smollm_vlm.generate("Describe it.", [image], mode="sample", max_new_tokens=8,
                             stopping_criteria=[stopper])
-    assert stopper.hooks_seen[0] == sum(before) + smollm_vlm.num_layers  # hooks were live
+    assert stopper.hooks_seen[0] == sum(before) + 2  # edited layer and embeddings were hooked
     assert _hook_counts(smollm_vlm) == before
