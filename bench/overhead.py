@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import time
 
@@ -72,9 +73,14 @@ def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[in
             for variant in VARIANTS:  # warm-up
                 run_variant(vlm, variant, requests[:1], 2)
             times = {v: [] for v in VARIANTS}
+            peaks: dict[str, float] = {}
             for _ in range(repeats):  # interleaved, so drift hits every variant alike
                 for variant in VARIANTS:
+                    if vlm.model.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
                     times[variant].append(run_variant(vlm, variant, requests, tokens))
+                    if vlm.model.device.type == "cuda":
+                        peaks[variant] = torch.cuda.max_memory_allocated() / 2**30
             base = statistics.median(times["unguarded"])
             for variant in VARIANTS:
                 ratios = [t / base for t in times[variant]]
@@ -83,15 +89,20 @@ def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[in
                     "median_s": round(statistics.median(times[variant]), 4),
                     "ratio": round(statistics.median(ratios), 3),
                     "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
+                    "peak_gib": round(peaks[variant], 3) if peaks else None,
+                    "peak_ratio": round(peaks[variant] / peaks["unguarded"], 3) if peaks else None,
                 })
                 r = rows[-1]
                 print(f"{name:8} b={batch:<2} N={tokens:<4} {variant:16} "
                       f"{r['median_s']:>8.3f}s  x{r['ratio']:.3f} "
-                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]", flush=True)
+                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]"
+                      + (f"  peak {r['peak_gib']:.2f} GiB x{r['peak_ratio']:.3f}" if peaks else ""),
+                      flush=True)
     return rows
 
 
 def main() -> None:
+    logging.getLogger("guardrail.decisions").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser()
     parser.add_argument("--fixtures", nargs="*", default=["tiny", "smollm"])
     parser.add_argument("--model", help="a checkpoint folder instead of the fixtures")
