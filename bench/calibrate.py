@@ -1,18 +1,18 @@
 """Dataset-level calibration throughput and memory on the SmolLM2 fixture (CPU).
 
-Anchor samples per second at several batch sizes, and the peak resident memory of a fresh process
-that loads the model and calibrates on N anchors (N = 16 and 64 at batch 8): flat in N means the
-pass streams. Prints a table and a final JSON line.
+Anchor samples per second at several batch sizes, and the peak resident memory of calibrating on
+N anchors (N = 16, 64 and 256 at batch 8), each in a fresh process whose peak-RSS mark is reset
+after loading the model: flat in N means the pass streams. Prints a table and a final JSON line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,19 +40,27 @@ def throughput(batch_sizes: list[int], n: int) -> list[dict]:
     return rows
 
 
-def peak_rss_mib(n: int) -> float:
-    """Peak RSS of a fresh process loading the model and calibrating on ``n`` anchors."""
+def peak_rss_mib(n: int) -> tuple[float, float]:
+    """RSS before and peak RSS during calibration on ``n`` anchors, in a fresh process."""
     out = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True,
                          text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
+    before, peak = map(float, out.strip().splitlines()[-1].split())
+    return before, peak
+
+
+def _status_mib(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
+                if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def child(n: int) -> None:
     torch.set_num_threads(2)
     vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")))
-    if n:
-        vlm.compute_dataset_shift(anchors(n), batch_size=8, progress=False)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark after loading
+    before = _status_mib("VmRSS")
+    vlm.compute_dataset_shift(anchors(n), batch_size=8, progress=False)
+    print(before, _status_mib("VmHWM"))
 
 
 def main() -> None:
@@ -62,9 +70,12 @@ def main() -> None:
         return
     torch.set_num_threads(2)
     rows = throughput([1, 4, 8, 16], 32)
-    memory = {str(n): round(peak_rss_mib(n), 1) for n in (0, 16, 64)}
-    print("peak RSS MiB (load only, 16 anchors, 64 anchors): "
-          + ", ".join(memory.values()))
+    memory = {}
+    for n in (16, 64, 256):
+        before, peak = peak_rss_mib(n)
+        memory[str(n)] = {"rss_before_mib": round(before, 1), "peak_mib": round(peak, 1)}
+        print(f"{n:>4} anchors: RSS {before:.0f} MiB before, peak {peak:.0f} MiB "
+              f"(+{peak - before:.0f})", flush=True)
     print(json.dumps({"benchmark": "calibrate", "throughput": rows, "peak_rss_mib": memory}))
 
 

@@ -1,61 +1,76 @@
 """Peak memory of one guarded call per variant, each in a fresh process (CPU: peak RSS).
 
-Reports the peak of (load + one call) and the increment over load alone, as ratios to the
-unguarded call. SmolLM2 fixture, batch 1, 128 new tokens. Prints a table and a final JSON line.
+After loading, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so the peak
+covers the call alone (weights included, they are resident). Reports that peak and its increment
+over the RSS before the call, as ratios to the unguarded call. SmolLM2 fixture, batch 1 and 8,
+128 new tokens. Prints a table and a final JSON line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import resource
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import torch
 
 from guardrail import GuardedVLM, GuardRequest
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
-VARIANTS = ("load-only", "unguarded", "dataset", "sample-lockstep")
+VARIANTS = ("unguarded", "dataset", "sample-lockstep")
 
 
-def child(variant: str, store: str) -> None:
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def child(variant: str, store: str, batch: int) -> None:
     torch.set_num_threads(2)
     logging.getLogger("guardrail.decisions").setLevel(logging.ERROR)
     vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")), store=store)
-    if variant != "load-only":
-        mode = {"unguarded": "off", "dataset": "dataset", "sample-lockstep": "sample"}[variant]
-        request = GuardRequest(anchor_prompts()[1], [synthetic_image(0)], mode=mode)
-        vlm.generate_batch([request], max_new_tokens=128, min_new_tokens=128)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    mode = {"unguarded": "off", "dataset": "dataset", "sample-lockstep": "sample"}[variant]
+    requests = [GuardRequest(anchor_prompts()[i], [synthetic_image(i)], mode=mode)
+                for i in range(batch)]
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
+    before = _status_mib("VmRSS")
+    vlm.generate_batch(requests, max_new_tokens=128, min_new_tokens=128)
+    print(before, _status_mib("VmHWM"))
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3])
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
         return
+    rows = []
     with tempfile.TemporaryDirectory() as folder:
         store = f"file://{folder}"
         vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")))
         vlm.use_store(store, anchors=anchor_prompts()[:8])  # prepared once, loaded by children
-        peaks = {}
-        for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", variant, store],
-                                 capture_output=True, text=True, check=True).stdout
-            peaks[variant] = float(out.strip().splitlines()[-1])
-    load, base = peaks["load-only"], peaks["unguarded"]
-    rows = []
-    for variant in VARIANTS[1:]:
-        rows.append({"variant": variant, "peak_mib": round(peaks[variant], 1),
-                     "peak_ratio": round(peaks[variant] / base, 3),
-                     "increment_mib": round(peaks[variant] - load, 1),
-                     "increment_ratio": round((peaks[variant] - load) / (base - load), 3)})
-        r = rows[-1]
-        print(f"{variant:16} peak {r['peak_mib']:8.1f} MiB x{r['peak_ratio']:.3f}   "
-              f"over load {r['increment_mib']:7.1f} MiB x{r['increment_ratio']:.3f}")
-    print(json.dumps({"benchmark": "memory", "load_only_mib": round(load, 1), "rows": rows}))
+        for batch in (1, 8):
+            runs = {}
+            for variant in VARIANTS:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", variant, store, str(batch)],
+                    capture_output=True, text=True, check=True).stdout
+                before, peak = map(float, out.strip().splitlines()[-1].split())
+                runs[variant] = (peak, peak - before)
+            base_peak, base_increment = runs["unguarded"]
+            for variant, (peak, increment) in runs.items():
+                rows.append({"batch": batch, "variant": variant, "peak_mib": round(peak, 1),
+                             "peak_ratio": round(peak / base_peak, 3),
+                             "increment_mib": round(increment, 1),
+                             "increment_ratio": round(increment / base_increment, 3)})
+                r = rows[-1]
+                print(f"b={batch} {variant:16} peak {r['peak_mib']:8.1f} MiB "
+                      f"x{r['peak_ratio']:.3f}   call increment {r['increment_mib']:7.1f} MiB "
+                      f"x{r['increment_ratio']:.3f}", flush=True)
+    print(json.dumps({"benchmark": "memory", "rows": rows}))
 
 
 if __name__ == "__main__":

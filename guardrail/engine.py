@@ -428,14 +428,14 @@ class GuardedVLM:
         except InvalidInputError as e:
             self.record_refusal(e, request.app)
             raise
-        mode = request.mode or cfg.mode
+        requested = mode = request.mode or cfg.mode
         alpha = cfg.alpha if request.alpha is None else float(request.alpha)
         if request.trusted is False and mode in ("auto", "dataset"):
             mode = "sample"  # untrusted input: a shift measured on this very input
         decision = GuardDecision(
             call_id=uuid.uuid4().hex, app=request.app, model=self.fingerprint.id,
             trusted=request.trusted, trust_reason=request.trust_reason,
-            multimodal=rendering.multimodal, guarded=False, mode_requested=mode,
+            multimodal=rendering.multimodal, guarded=False, mode_requested=requested,
             mode_used="text-only", alpha=alpha, layers=self.layer_indices(cfg),
             positions=cfg.positions, stacking=cfg.stacking, reason="no image: passed through",
         )
