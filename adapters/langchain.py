@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LangSmithParams
@@ -31,7 +30,7 @@ from guardrail.config import Mode
 from guardrail.errors import GuardrailError, InvalidInputError
 from guardrail.registry import shared_model
 from guardrail.trust import POLICIES, TrustInput, TrustPolicy
-from shift_store import LocalShiftStore, ShiftStore, open_store
+from shift_store import open_store
 
 Trust = Literal["trusted", "untrusted"]
 
@@ -82,7 +81,8 @@ class ChatGuardedVLM(BaseChatModel):
         config = GuardConfig(alpha=self.alpha, mode=self.mode, layers=self.layers,
                              on_unavailable=self.on_unavailable)
         self._vlm = base.with_config(config)
-        self._vlm.use_store(self._open_store(), anchor_name=self.anchor_name,
+        store = open_store(self.store, namespace=self.app)  # the URL may name its own namespace
+        self._vlm.use_store(store, anchor_name=self.anchor_name,
                             anchors=self.anchors)
         policy = self.trust_policy
         self._policy = POLICIES[policy]() if isinstance(policy, str) else policy
@@ -91,15 +91,6 @@ class ChatGuardedVLM(BaseChatModel):
                                            max_bytes=self.max_image_bytes,
                                            timeout_s=self.image_timeout_s)
         self._coalescer = RequestCoalescer(self._run_batch, self.batch_window_ms / 1000)
-
-    def _open_store(self) -> ShiftStore:
-        """The configured store, in the app's namespace unless the URL names one."""
-        if self.store is None:
-            return LocalShiftStore(namespace=self.app)
-        parts = urlsplit(self.store)
-        query = dict(parse_qsl(parts.query))
-        query.setdefault("namespace", self.app)
-        return open_store(urlunsplit(parts._replace(query=urlencode(query))))
 
     @property
     def _llm_type(self) -> str:

@@ -12,9 +12,9 @@ import logging
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from rss import reset_peak, status_mib
 
 from guardrail import GuardedVLM
 from guardrail.testing import anchor_prompts, fixture_path
@@ -48,19 +48,12 @@ def peak_rss_mib(n: int) -> tuple[float, float]:
     return before, peak
 
 
-def _status_mib(field: str) -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
-                if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
 def child(n: int) -> None:
     torch.set_num_threads(2)
     vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")))
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark after loading
-    before = _status_mib("VmRSS")
+    before = reset_peak()  # after loading
     vlm.compute_dataset_shift(anchors(n), batch_size=8, progress=False)
-    print(before, _status_mib("VmHWM"))
+    print(before, status_mib("VmHWM"))
 
 
 def main() -> None:

@@ -13,21 +13,14 @@ import logging
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import torch
+from rss import reset_peak, status_mib
 
 from guardrail import GuardedVLM, GuardRequest
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
 VARIANTS = ("unguarded", "dataset", "sample-lockstep")
-
-
-def _status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def child(variant: str, store: str, batch: int) -> None:
@@ -37,10 +30,9 @@ def child(variant: str, store: str, batch: int) -> None:
     mode = {"unguarded": "off", "dataset": "dataset", "sample-lockstep": "sample"}[variant]
     requests = [GuardRequest(anchor_prompts()[i], [synthetic_image(i)], mode=mode)
                 for i in range(batch)]
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark
-    before = _status_mib("VmRSS")
+    before = reset_peak()
     vlm.generate_batch(requests, max_new_tokens=128, min_new_tokens=128)
-    print(before, _status_mib("VmHWM"))
+    print(before, status_mib("VmHWM"))
 
 
 def main() -> None:

@@ -10,7 +10,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import platformdirs
 import torch
 
 from guardrail.anchors import BUNDLED_ANCHORS
@@ -111,7 +110,7 @@ def calibrate(args: argparse.Namespace) -> int:
     config = GuardConfig(corruption={"kind": args.corruption, "seed": args.seed})
     vlm = GuardedVLM.from_pretrained(args.model, config=config, device=args.device,
                                      dtype=args.dtype)
-    store = open_store(_with_namespace(args.store, args.app))
+    store = open_store(args.store, namespace=args.app)
     name = args.anchor_name or Path(args.anchor).stem
     requests = [GuardRequest(s.prompt, [s.image] if s.image else []) for s in samples]
     started = time.perf_counter()
@@ -139,7 +138,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     vlm = GuardedVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     modes = args.modes.split(",")
     if "dataset" in modes:
-        lookup = vlm.use_store(_with_namespace(args.store, args.app),
+        lookup = vlm.use_store(open_store(args.store, namespace=args.app),
                                anchor_name=args.anchor_name or BUNDLED_ANCHORS)
         if lookup.vector is None:
             raise GuardrailError(f"no dataset-level shift: {lookup.note}; run guardrail calibrate")
@@ -160,13 +159,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
             sweep = Path(args.plot).with_name(Path(args.plot).stem + "-alpha.png")
             print(f"wrote {plot_alpha_sweep(results, sweep)}")
     return 0
-
-
-def _with_namespace(url: str | None, app: str) -> str | None:
-    if url is None:
-        return f"file://{platformdirs.user_cache_dir('cmrm-guardrail')}?namespace={app}"
-    separator = "&" if "?" in url else "?"
-    return url if "namespace=" in url else f"{url}{separator}namespace={app}"
 
 
 def chat(args: argparse.Namespace) -> int:

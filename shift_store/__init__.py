@@ -24,8 +24,8 @@ from shift_store.vector import (
 _OWN_PARAMS = {"namespace", "ttl", "retries"}
 
 
-def open_store(url: str | None = None) -> ShiftStore:
-    """Open a store from a URL.
+def open_store(url: str | None = None, namespace: str = "default") -> ShiftStore:
+    """Open a store from a URL; ``namespace`` applies unless the URL names one.
 
     * ``None`` - a :class:`LocalShiftStore` in the user cache folder (the embedded default);
     * ``file:///path`` - a :class:`LocalShiftStore` in ``/path``;
@@ -34,10 +34,10 @@ def open_store(url: str | None = None) -> ShiftStore:
       and redis-py's own (``socket_timeout``, ``socket_connect_timeout``, ``max_connections``...).
     """
     if url is None:
-        return LocalShiftStore()
+        return LocalShiftStore(namespace=namespace)
     parts = urlsplit(url)
     params = dict(parse_qsl(parts.query))
-    namespace = params.get("namespace", "default")
+    namespace = params.get("namespace", namespace)
     if parts.scheme == "file":
         return LocalShiftStore(parts.path, namespace=namespace)
     if parts.scheme in ("redis", "rediss", "unix"):
