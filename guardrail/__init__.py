@@ -2,7 +2,7 @@
 
 from guardrail.config import CorruptionSpec, GuardConfig
 from guardrail.decision import GuardDecision
-from guardrail.engine import GuardedOutput, GuardedVLM, Usage, find_decoder_layers
+from guardrail.engine import GuardedOutput, GuardedVLM, Usage
 from guardrail.errors import (
     DecoderNotFoundError,
     GuardrailError,
@@ -12,6 +12,7 @@ from guardrail.errors import (
     MissingImagePlaceholderError,
     ShiftMismatchError,
 )
+from guardrail.loading import find_decoder_layers
 from guardrail.prompts import GuardRequest
 from shift_store import ShiftVector
 

@@ -12,30 +12,28 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel
-from torch import nn
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     PreTrainedModel,
-    StoppingCriteria,
     StoppingCriteriaList,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
 from guardrail.calibration import capture_states, dataset_shift_sums, reference_shifts
 from guardrail.config import GuardConfig, Mode
 from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import (
-    DecoderNotFoundError,
     GuardrailError,
     GuardUnavailableError,
     InvalidInputError,
     ShiftMismatchError,
 )
 from guardrail.fingerprint import fingerprint_model
+from guardrail.generation import FirstRowStreamer, ReferenceRowsDone
 from guardrail.hooks import CapturePlan, ChainedPlan, CorrectionPlan, DecoderHooks, Lockstep
 from guardrail.images import ImageInput
+from guardrail.loading import default_image_size, find_decoder_layers
 from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
 from guardrail.trust import AnchorStats, calibrate_threshold
 from shift_store import (
@@ -95,57 +93,6 @@ class _Batch:
         return bool(self.sample_rows)
 
 
-class _ReferenceRowsDone(StoppingCriteria):
-    """Marks reference rows finished from the start, so that only request rows keep generation
-    going (reference rows are still computed: they are fed the request rows' tokens)."""
-
-    def __init__(self, first_reference: int) -> None:
-        self.first_reference = first_reference
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done[self.first_reference :] = True
-        return done
-
-
-class _FirstRowStreamer(BaseStreamer):
-    """Passes only the request row to a batch-size-1 streamer when reference rows ride along."""
-
-    def __init__(self, inner: BaseStreamer) -> None:
-        self.inner = inner
-
-    def put(self, value: torch.Tensor) -> None:
-        self.inner.put(value[:1])
-
-    def end(self) -> None:
-        self.inner.end()
-
-
-def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of ``model``, found through its own ``get_decoder()`` API."""
-    get_decoder = getattr(model, "get_decoder", None)
-    decoder = get_decoder() if callable(get_decoder) else None
-    for candidate in (decoder, getattr(decoder, "text_model", None)):
-        layers = getattr(candidate, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise DecoderNotFoundError(
-        f"{type(model).__name__} exposes no decoder layers through get_decoder(); "
-        "CMRM needs the text decoder's layer list"
-    )
-
-
-def _default_image_size(processor: Any) -> tuple[int, int]:
-    image_processor = getattr(processor, "image_processor", None)
-    for attribute in ("crop_size", "size"):
-        size = getattr(image_processor, attribute, None) or {}
-        if "height" in size and "width" in size:
-            return int(size["width"]), int(size["height"])
-        if "shortest_edge" in size:
-            return int(size["shortest_edge"]), int(size["shortest_edge"])
-    return 336, 336
-
-
 class GuardedVLM:
     """A vision-language model whose multimodal calls are corrected with CMRM.
 
@@ -167,7 +114,7 @@ class GuardedVLM:
         self.image_token_id = getattr(model.config, "image_token_id", None)
         if self.image_token_id is None:
             self.image_token_id = getattr(model.config, "image_token_index", None)
-        self.default_image_size = _default_image_size(processor)
+        self.default_image_size = default_image_size(processor)
         self.hooks = DecoderHooks(self._layers, model.get_input_embeddings())
         self._dataset_shift: ShiftVector | None = None
         self._source: CachedShiftSource | None = None
@@ -359,10 +306,10 @@ class GuardedVLM:
         generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         if batch.has_references:
             criteria = StoppingCriteriaList(generation.pop("stopping_criteria", None) or [])
-            criteria.append(_ReferenceRowsDone(len(batch.rows)))
+            criteria.append(ReferenceRowsDone(len(batch.rows)))
             generation["stopping_criteria"] = criteria
             if generation.get("streamer") is not None:
-                generation["streamer"] = _FirstRowStreamer(generation["streamer"])
+                generation["streamer"] = FirstRowStreamer(generation["streamer"])
         with self._activate(batch.plan):
             output = self.model.generate(**batch.inputs, **generation)
         self._record_live_norms(batch)
