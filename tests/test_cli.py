@@ -229,3 +229,16 @@ def test_examples_run(namespace):
     first, second = shared.strip().splitlines()
     assert "computed_here=True" in first and "computed_here=False" in second
     assert first.split()[1] == second.split()[1]  # the same version
+
+
+def test_chat_prints_one_answer_and_its_decision(tiny_path, data, capsys):
+    _, images, _ = data
+    assert main(["chat", "--model", str(tiny_path), "--image", str(images / "000.jpg"),
+                 "--alpha", "0.7", "--max-new-tokens", "3", "What is this?"]) == 0
+    captured = capsys.readouterr()
+    decision = json.loads(captured.err[captured.err.index("{"):])
+    assert decision["mode_used"] == "sample" and decision["alpha"] == 0.7
+    assert decision["guarded"] and decision["shift_level"] == "sample"
+    assert main(["chat", "--model", str(tiny_path), "--image", str(images / "nope.jpg"),
+                 "Hi"]) == 2
+    assert "InvalidImageError" in capsys.readouterr().err
