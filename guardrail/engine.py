@@ -132,6 +132,8 @@ class GuardedVLM:
         shift is looked up there and, on a miss, computed from the bundled anchors and stored;
         see :meth:`use_store` for other anchors.
         """
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)  # "bfloat16" -> torch.bfloat16
         processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, revision=revision, dtype=dtype or "auto", **model_kwargs

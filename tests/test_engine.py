@@ -286,3 +286,13 @@ def test_threads_with_different_alpha_match_their_sequential_answers(tiny_vlm):
     for alpha in alphas:
         assert results[alpha] == [expected[alpha]] * 4
     assert all(len(layer._forward_hooks) == 0 for layer in vlm._layers)
+
+
+def test_bfloat16_model_is_guarded_in_its_own_dtype(tiny_path, image):
+    vlm = GuardedVLM.from_pretrained(str(tiny_path), dtype="bfloat16")
+    assert vlm.model.dtype == torch.bfloat16
+    shift = vlm.compute_dataset_shift(ANCHORS, progress=False)
+    assert shift.vectors.dtype == torch.float32  # stored in float32 whatever the model dtype
+    for mode in ("dataset", "sample"):
+        out = vlm.generate("What is this?", [image], mode=mode, max_new_tokens=3)
+        assert out.decision.guarded and out.decision.shift_norm > 0
