@@ -116,7 +116,7 @@ def calibrate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     shift = vlm.compute_dataset_shift(requests, batch_size=args.batch_size, anchor_name=name,
                                       activate=False)
-    key = ShiftKey(model_id=vlm.fingerprint.id, corruption=config.corruption.tag, anchor=name)
+    key = ShiftKey.for_meta(shift.meta)
     version = store.put(key, shift)  # only a complete vector is ever written
     norms = " ".join(f"{n:.1f}" for n in shift.norms.tolist())
     print(f"model {vlm.fingerprint.name_or_path} ({vlm.fingerprint.id}); {shift.meta.anchor_size} "

@@ -16,11 +16,13 @@ log = logging.getLogger("shift_store")
 
 @dataclass(frozen=True)
 class Lookup:
-    """Result of a lookup: the vector (or None), its version, and a note when not clean."""
+    """Result of a lookup: the vector (or None), its version, and a note when not clean.
+    ``store_down`` says the store could not be reached for this lookup."""
 
     vector: ShiftVector | None
     version: str | None = None
     note: str | None = None
+    store_down: bool = False
 
 
 @dataclass
@@ -56,8 +58,7 @@ class CachedShiftSource:
             return self._refresh()
 
     def _ttl(self, entry: _Entry) -> float:
-        unreachable = entry.lookup.note is not None and "unreachable" in entry.lookup.note
-        return self.retry_after_s if unreachable else self.revalidate_s
+        return self.retry_after_s if entry.lookup.store_down else self.revalidate_s
 
     def _refresh(self) -> Lookup:
         now = self._clock()
@@ -77,7 +78,8 @@ class CachedShiftSource:
             log.warning("shift store unreachable: %s", e)
             note = f"store unreachable ({e})"
             lookup = Lookup(known.vector, known.version,
-                            note + ("; using the cached vector" if known.vector else ""))
+                            note + ("; using the cached vector" if known.vector else ""),
+                            store_down=True)
         except ShiftFormatError as e:
             lookup = Lookup(None, note=f"stored shift rejected: {e}")
         self._entry = _Entry(lookup, now)
@@ -99,7 +101,7 @@ class CachedShiftSource:
         lookup = self.current()
         if lookup.vector is not None and lookup.note is None:
             return lookup
-        if lookup.note and "unreachable" in lookup.note:
+        if lookup.store_down:
             return lookup
         try:
             with self.store.lock(self.key, lock_timeout_s, lock_expire_s) as acquired:
@@ -113,6 +115,6 @@ class CachedShiftSource:
                 version = self.store.put(self.key, vector)
                 log.info("computed and stored shift %s", self.key.name)
         except StoreUnavailableError as e:
-            return Lookup(None, note=f"store unreachable ({e})")
+            return Lookup(None, note=f"store unreachable ({e})", store_down=True)
         self._entry = _Entry(Lookup(vector, version), self._clock())
         return self._entry.lookup
