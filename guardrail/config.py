@@ -41,6 +41,8 @@ class GuardConfig(BaseModel):
     * ``on_unavailable`` - when the guard cannot apply: ``fail_closed`` raises
       :class:`~guardrail.errors.GuardUnavailableError`; ``unguarded`` answers without the guard and
       says so in the decision record.
+    * ``trim_references`` - sample level: run the two reference rows only up to the deepest edited
+      layer (later layers and the LM head skip them). Exact; off only to measure what it saves.
 
     The default layer and positions come from the measurement in ``docs/defaults.md``.
     """
@@ -54,3 +56,4 @@ class GuardConfig(BaseModel):
     corruption: CorruptionSpec = CorruptionSpec()
     mode: Mode = "auto"
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
+    trim_references: bool = True

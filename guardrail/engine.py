@@ -31,7 +31,14 @@ from guardrail.errors import (
 )
 from guardrail.fingerprint import fingerprint_model
 from guardrail.generation import FirstRowStreamer, ReferenceRowsDone
-from guardrail.hooks import CapturePlan, ChainedPlan, CorrectionPlan, DecoderHooks, Lockstep
+from guardrail.hooks import (
+    CapturePlan,
+    ChainedPlan,
+    CorrectionPlan,
+    DecoderHooks,
+    Lockstep,
+    RowTrim,
+)
 from guardrail.images import ImageInput
 from guardrail.loading import default_image_size, find_decoder_layers
 from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
@@ -115,7 +122,8 @@ class GuardedVLM:
         if self.image_token_id is None:
             self.image_token_id = getattr(model.config, "image_token_index", None)
         self.default_image_size = default_image_size(processor)
-        self.hooks = DecoderHooks(self._layers, model.get_input_embeddings())
+        self.hooks = DecoderHooks(self._layers, model.get_input_embeddings(),
+                                  model.get_output_embeddings())
         self._dataset_shift: ShiftVector | None = None
         self._source: CachedShiftSource | None = None
         self.layer_indices(self.config)  # validate the configured layers now
@@ -455,7 +463,7 @@ class GuardedVLM:
             else:
                 row.decision.fallbacks.append("shift has no decode vectors: prompt only")
         device, dtype = self.model.device, self.model.dtype
-        lockstep = None
+        lockstep = trim = None
         if sample_rows:
             count, n = len(sample_rows), len(rows)
             alphas = [[rows[i].decision.alpha] for i in sample_rows]
@@ -467,10 +475,12 @@ class GuardedVLM:
             )
             for i in sample_rows:
                 rows[i].decision.shift_level = "sample"
+            if self.config.trim_references:
+                trim = RowTrim(after=layers[-1], keep=n, total=total)
         return CorrectionPlan(
             layers, prompt.to(device, dtype), decode.to(device, dtype),
             self._prefill_mask(inputs), lockstep,
-            incremental=self.config.stacking == "incremental",
+            incremental=self.config.stacking == "incremental", trim=trim,
         )
 
     def encode(self, renderings: Sequence[Rendering],

@@ -8,12 +8,13 @@ correction.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -29,6 +30,7 @@ class LayerPlan(Protocol):
     """
 
     hooked: frozenset[int]
+    trim: RowTrim | None
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Return a replacement for ``hidden`` (``[batch, seq, hidden]``), or None to keep it."""
@@ -36,54 +38,163 @@ class LayerPlan(Protocol):
 
 
 _ACTIVE: ContextVar[tuple[int, LayerPlan] | None] = ContextVar("cmrm_plan", default=None)
+_log = logging.getLogger(__name__)
 EMBEDDINGS = -1  # the layer index plans see for the input embedding module's output
 
 
-class DecoderHooks:
-    """Installs dispatching hooks on decoder layers (and the input embeddings) while plans that
-    need them are active; each hook is reference-counted across concurrent calls."""
+class RowTrim:
+    """Rows ``keep`` onwards are reference rows needed only up to layer ``after``.
 
-    def __init__(self, layers: Sequence[nn.Module], embeddings: nn.Module) -> None:
+    Decoder layers past ``after`` and the LM head then run on the first ``keep`` rows only; the
+    head's output is padded back with zero logits for the reference rows (which generate nothing:
+    they are fed the request rows' tokens). Exact for the request rows: attention never mixes rows.
+    Whether the layers can be trimmed is decided once, at the first trimmed layer of the prefill
+    (``state``): a layer that gets a batch-sized argument this module does not know is left whole,
+    for the whole call, so that the KV cache stays consistent.
+    """
+
+    BATCH_ARGUMENTS = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
+
+    def __init__(self, after: int, keep: int, total: int) -> None:
+        self.after, self.keep, self.total = after, keep, total
+        self.state: Literal["pending", "on", "off"] = "pending"
+        self.reason = ""
+
+    def layer_inputs(self, layer: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Arguments of a decoder layer past ``after``, cut to the request rows."""
+        if self.state == "pending":
+            unknown = [name for name, value in kwargs.items()
+                       if name not in self.BATCH_ARGUMENTS and self._batched(value)]
+            if len(args) > 1 or unknown:
+                self.state = "off"
+                self.reason = f"{layer} takes batch-sized arguments {unknown or args[1:]!r}"
+                if layer not in _UNTRIMMED_LAYERS:
+                    _UNTRIMMED_LAYERS.add(layer)
+                    _log.warning("reference rows run through every layer: %s", self.reason)
+            else:
+                self.state = "on"
+        if self.state == "off":
+            return None
+        cut = {name: self._rows(value) if name in self.BATCH_ARGUMENTS else value
+               for name, value in kwargs.items()}
+        return tuple(self._rows(arg) for arg in args), cut
+
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[: self.keep]
+
+    def head_output(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[0] != self.keep:
+            return logits
+        padding = logits.new_zeros((self.total - self.keep, *logits.shape[1:]))
+        return torch.cat([logits, padding])
+
+    def _batched(self, value: object) -> bool:
+        if isinstance(value, tuple | list):
+            return any(self._batched(v) for v in value)
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.total
+
+    def _rows(self, value: object) -> object:
+        if isinstance(value, tuple):
+            return tuple(self._rows(v) for v in value)
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.total:
+            return value[: self.keep]
+        return value
+
+
+_UNTRIMMED_LAYERS: set[str] = set()  # layer classes already warned about
+_HookKey = tuple[str, int]  # ("out" | "pre", layer index) or ("head", 0)
+
+
+class DecoderHooks:
+    """Installs dispatching hooks on decoder layers, the input embeddings and the LM head while
+    plans that need them are active; each hook is reference-counted across concurrent calls."""
+
+    def __init__(self, layers: Sequence[nn.Module], embeddings: nn.Module,
+                 head: nn.Module | None = None) -> None:
         self._modules = dict(enumerate(layers))
         self._modules[EMBEDDINGS] = embeddings
+        self._head = head
         self._lock = threading.Lock()
-        self._users: dict[int, int] = {}
-        self._handles: dict[int, torch.utils.hooks.RemovableHandle] = {}
+        self._users: dict[_HookKey, int] = {}
+        self._handles: dict[_HookKey, list[torch.utils.hooks.RemovableHandle]] = {}
+
+    def _keys(self, plan: LayerPlan) -> list[_HookKey]:
+        keys = [("out", index) for index in plan.hooked]
+        if plan.trim is not None:
+            layers = len(self._modules) - 1
+            keys += [("pre", index) for index in range(plan.trim.after + 1, layers)]
+            keys += [("head", 0)] if self._head is not None else []
+        return keys
 
     @contextmanager
     def activate(self, plan: LayerPlan) -> Iterator[None]:
         """Run the body with ``plan`` applied to this thread's (or task's) forward passes."""
         token = _ACTIVE.set((id(self), plan))
+        keys = self._keys(plan)
         with self._lock:
-            for index in plan.hooked:
-                if self._users.get(index, 0) == 0:
-                    hook = self._make_hook(index)
-                    self._handles[index] = self._modules[index].register_forward_hook(hook)
-                self._users[index] = self._users.get(index, 0) + 1
+            for key in keys:
+                if self._users.get(key, 0) == 0:
+                    self._handles[key] = self._install(key)
+                self._users[key] = self._users.get(key, 0) + 1
         try:
             yield
         finally:
             _ACTIVE.reset(token)
             with self._lock:
-                for index in plan.hooked:
-                    self._users[index] -= 1
-                    if self._users[index] == 0:
-                        self._handles.pop(index).remove()
+                for key in keys:
+                    self._users[key] -= 1
+                    if self._users[key] == 0:
+                        for handle in self._handles.pop(key):
+                            handle.remove()
 
-    def _make_hook(self, index: int):
-        owner = id(self)
+    def _plan(self) -> LayerPlan | None:
+        active = _ACTIVE.get()
+        return active[1] if active is not None and active[0] == id(self) else None
 
+    def _install(self, key: _HookKey) -> list[torch.utils.hooks.RemovableHandle]:
+        kind, index = key
+        if kind == "out":
+            return [self._modules[index].register_forward_hook(self._output_hook(index))]
+        if kind == "pre":
+            module = self._modules[index]
+            return [module.register_forward_pre_hook(self._trim_hook(type(module).__name__),
+                                                     with_kwargs=True)]
+        return [self._head.register_forward_pre_hook(self._head_input_hook),
+                self._head.register_forward_hook(self._head_output_hook)]
+
+    def _output_hook(self, index: int):
         def hook(_module: nn.Module, _args: tuple, output):
-            active = _ACTIVE.get()
-            if active is None or active[0] != owner:
+            plan = self._plan()
+            if plan is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            replaced = active[1].on_output(index, hidden)
+            replaced = plan.on_output(index, hidden)
             if replaced is None:
                 return None
             return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
 
         return hook
+
+    def _trim_hook(self, layer: str):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict):
+            plan = self._plan()
+            if plan is None or plan.trim is None:
+                return None
+            return plan.trim.layer_inputs(layer, args, kwargs)
+
+        return hook
+
+    def _head_input_hook(self, _module: nn.Module, args: tuple):
+        plan = self._plan()
+        if plan is None or plan.trim is None:
+            return None
+        return (plan.trim.head_input(args[0]), *args[1:])
+
+    def _head_output_hook(self, _module: nn.Module, _args: tuple, output: torch.Tensor):
+        plan = self._plan()
+        if plan is None or plan.trim is None:
+            return None
+        return plan.trim.head_output(output)
 
 
 class CapturePlan:
@@ -92,6 +203,7 @@ class CapturePlan:
     def __init__(self, layers: Sequence[int], span: int = 1) -> None:
         self._wanted = set(layers)
         self.hooked = frozenset(self._wanted)
+        self.trim: RowTrim | None = None
         self._span = span
         self.states: dict[int, torch.Tensor] = {}
 
@@ -127,13 +239,16 @@ class CorrectionPlan:
     row's α, zero for unguarded rows) apply at ``layers[k]``: the first in the prefill pass at the
     positions of ``prefill_mask`` (``[batch, seq]``), the second at every decode step. With
     ``lockstep``, live sample-level shifts are added for its rows. With ``incremental``, a layer's
-    live shift is its difference to the previous edited layer's.
+    live shift is its difference to the previous edited layer's. With ``trim``, the reference rows
+    stop after the deepest edited layer.
     """
 
     def __init__(self, layers: Sequence[int], prompt_shifts: torch.Tensor,
                  decode_shifts: torch.Tensor, prefill_mask: torch.Tensor,
-                 lockstep: Lockstep | None = None, incremental: bool = True) -> None:
+                 lockstep: Lockstep | None = None, incremental: bool = True,
+                 trim: RowTrim | None = None) -> None:
         self._slot = {layer: k for k, layer in enumerate(layers)}
+        self.trim = trim
         self.hooked = frozenset(self._slot) | ({EMBEDDINGS} if lockstep else frozenset())
         self._prompt = prompt_shifts.unsqueeze(2)  # [K, batch, 1, hidden]
         self._decode = decode_shifts.unsqueeze(2)
@@ -193,6 +308,7 @@ class ChainedPlan:
     def __init__(self, *plans: LayerPlan | None) -> None:
         self._plans = [plan for plan in plans if plan is not None]
         self.hooked = frozenset().union(*(plan.hooked for plan in self._plans))
+        self.trim = next((plan.trim for plan in self._plans if plan.trim is not None), None)
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
         replaced = None

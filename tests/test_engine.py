@@ -24,7 +24,7 @@ from guardrail import (
     MissingImagePlaceholderError,
     ShiftMismatchError,
 )
-from guardrail.hooks import EMBEDDINGS, CorrectionPlan, Lockstep
+from guardrail.hooks import EMBEDDINGS, CorrectionPlan, Lockstep, RowTrim
 from guardrail.testing import synthetic_image
 from shift_store import ShiftVector
 
@@ -166,6 +166,30 @@ def test_lockstep_feeds_reference_rows_and_subtracts_their_live_difference():
     assert plan.live_norms.tolist() == [8.0]
     fed = plan.on_output(EMBEDDINGS, embeds)  # a decode step: references take row 0's token
     assert fed[1].tolist() == fed[2].tolist() == embeds[0].tolist()
+
+
+def test_row_trim_cuts_batch_arguments_and_pads_the_head():
+    trim = RowTrim(after=1, keep=2, total=6)
+    hidden, mask = torch.randn(6, 4, 8), torch.ones(6, 1, 4, 4, dtype=torch.bool)
+    cos_sin = (torch.randn(6, 4, 2), torch.randn(1, 4, 2))  # one per row, one broadcast
+    args, kwargs = trim.layer_inputs("Layer", (hidden,), {
+        "attention_mask": mask, "position_embeddings": cos_sin, "use_cache": True})
+    assert trim.state == "on" and torch.equal(args[0], hidden[:2])
+    assert kwargs["attention_mask"].shape[0] == 2 and kwargs["use_cache"] is True
+    assert kwargs["position_embeddings"][0].shape[0] == 2
+    assert kwargs["position_embeddings"][1] is cos_sin[1]
+    logits = trim.head_output(torch.ones(2, 1, 5))
+    assert logits.shape == (6, 1, 5) and logits[2:].abs().sum() == 0 and logits[:2].sum() == 10
+
+
+def test_row_trim_leaves_a_layer_with_unknown_batch_arguments_whole():
+    """Decided once at the first trimmed layer of the prefill, so the KV cache stays whole."""
+    trim = RowTrim(after=1, keep=2, total=6)
+    hidden = torch.randn(6, 4, 8)
+    assert trim.layer_inputs("OddLayer", (hidden,), {"row_scale": torch.ones(6)}) is None
+    assert trim.state == "off" and "OddLayer" in trim.reason and "row_scale" in trim.reason
+    assert trim.layer_inputs("OddLayer", (hidden,), {}) is None  # and for the rest of the call
+    assert trim.head_input(hidden).shape[0] == 2  # the head keeps no cache: still trimmed
 
 
 def test_incremental_stacking_subtracts_each_layers_shift_once(tiny_vlm, image):

@@ -24,8 +24,8 @@ def plain_smollm():
 
 
 def _hook_counts(vlm) -> list[int]:
-    modules = [*vlm._layers, vlm.model.get_input_embeddings()]
-    return [len(module._forward_hooks) for module in modules]
+    modules = [*vlm._layers, vlm.model.get_input_embeddings(), vlm.model.get_output_embeddings()]
+    return [len(module._forward_hooks) + len(module._forward_pre_hooks) for module in modules]
 
 
 def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
@@ -127,5 +127,37 @@ def test_no_hooks_left_after_call_exception_or_cancel(smollm_vlm, image, exc):
     with pytest.raises(type(exc)):
         smollm_vlm.generate("Describe it.", [image], mode="sample", max_new_tokens=8,
                             stopping_criteria=[stopper])
-    assert stopper.hooks_seen[0] == sum(before) + 2  # edited layer and embeddings were hooked
+    # hooked: the edited layer (25) and the embeddings; trimming: layers 26-29 and the head (2)
+    assert stopper.hooks_seen[0] == sum(before) + 2 + 4 + 2
     assert _hook_counts(smollm_vlm) == before
+
+
+@pytest.mark.parametrize("layers", [None, (10, 25), (-1,)], ids=["default", "two-layers", "last"])
+def test_trimmed_reference_rows_change_nothing(smollm_vlm, image, layers):
+    """Reference rows skip the layers after the deepest edited one and the LM head; the request
+    rows' logits and answers are exactly those of the untrimmed pass."""
+    vlm = smollm_vlm.with_config(GuardConfig(layers=layers))
+    whole = vlm.with_config(GuardConfig(layers=layers, trim_references=False))
+    requests = [
+        GuardRequest("What is in this picture?", [image], mode="sample"),
+        GuardRequest("Describe the colours you see here, please.", [image], alpha=2.0,
+                     mode="sample"),
+        GuardRequest("What is in this picture?", [image], mode="off"),
+    ]
+    last = vlm._layers[-1]
+    rows_seen: list[int] = []
+    handle = last.register_forward_hook(lambda _m, _a, out: rows_seen.append(out.shape[0]))
+    try:
+        trimmed = vlm.generate_batch(requests, max_new_tokens=12)
+        trimmed_rows, rows_seen[:] = list(rows_seen), []
+        untrimmed = whole.generate_batch(requests, max_new_tokens=12)
+    finally:
+        handle.remove()
+    deepest = vlm.layer_indices(vlm.config)[-1]
+    expected_rows = 3 if deepest < vlm.num_layers - 1 else 3 + 2 * 2
+    assert set(trimmed_rows) == {expected_rows} and set(rows_seen) == {3 + 2 * 2}
+    assert [o.token_ids for o in trimmed] == [o.token_ids for o in untrimmed]
+    assert [o.decision.shift_norm for o in trimmed] == [o.decision.shift_norm for o in untrimmed]
+    logits, _ = vlm.next_token_logits(requests)
+    reference, _ = whole.next_token_logits(requests)
+    assert torch.allclose(logits, reference, atol=1e-4, rtol=0)
