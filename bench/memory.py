@@ -2,7 +2,8 @@
 
 After loading, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), so the peak
 covers the call alone (weights included, they are resident). Reports that peak and its increment
-over the RSS before the call, as ratios to the unguarded call. SmolLM2 fixture, batch 1 and 8,
+over the RSS before the call, as ratios to the unguarded call. ``sample-untrimmed`` runs the
+reference rows through every layer (``trim_references=False``). SmolLM2 fixture, batch 1 and 8,
 128 new tokens. Prints a table and a final JSON line.
 """
 
@@ -17,17 +18,18 @@ import tempfile
 import torch
 from rss import reset_peak, status_mib
 
-from guardrail import GuardedVLM, GuardRequest
+from guardrail import GuardConfig, GuardedVLM, GuardRequest
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
-VARIANTS = ("unguarded", "dataset", "sample-lockstep")
+VARIANTS = ("unguarded", "dataset", "sample-untrimmed", "sample-lockstep")
 
 
 def child(variant: str, store: str, batch: int) -> None:
     torch.set_num_threads(2)
     logging.getLogger("guardrail.decisions").setLevel(logging.ERROR)
-    vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")), store=store)
-    mode = {"unguarded": "off", "dataset": "dataset", "sample-lockstep": "sample"}[variant]
+    config = GuardConfig(trim_references=variant != "sample-untrimmed")
+    vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")), config=config, store=store)
+    mode = {"unguarded": "off", "dataset": "dataset"}.get(variant, "sample")
     requests = [GuardRequest(anchor_prompts()[i], [synthetic_image(i)], mode=mode)
                 for i in range(batch)]
     before = reset_peak()

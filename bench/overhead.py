@@ -8,13 +8,17 @@ Variants, each forced to exactly N new tokens:
 * ``sample-3pass``    - two prefill-only reference passes, then generation with that fixed
                         prompt shift (cheaper, but the prompt shift does not fit generated
                         tokens: see docs/defaults.md);
+* ``sample-untrimmed`` - lockstep with the reference rows run through every layer and the LM head
+                        (``trim_references=False``), to show what trimming saves;
 * ``sample-lockstep`` - this project's sample level: the two reference rows ride in the same
-                        batched pass and are fed each generated token.
+                        batched pass, are fed each generated token, and stop after the deepest
+                        edited layer.
 Prints a table (median and min-max over repeats) and a final JSON line. Peak memory is not
 measured here on CPU; see RESULTS.md.
 
     python bench/overhead.py [--fixtures tiny smollm] [--tokens 32 128] [--batch 1 8]
-                             [--repeats 3] [--model PATH --device cuda --dtype bfloat16]
+                             [--repeats 3] [--variants ...]
+                             [--model PATH --device cuda --dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from guardrail import GuardConfig, GuardedVLM, GuardRequest
 from guardrail.images import corruption_image
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
-VARIANTS = ("unguarded", "dataset", "sample-3gen", "sample-3pass", "sample-lockstep")
+VARIANTS = ("unguarded", "dataset", "sample-3gen", "sample-3pass", "sample-untrimmed",
+            "sample-lockstep")
 
 
 def _sync(vlm: GuardedVLM) -> None:
@@ -54,6 +59,9 @@ def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tok
         requests = [GuardRequest(r.prompt, r.images, mode="dataset",
                                  shift=vlm.compute_sample_shift(r.prompt, r.images))
                     for r in requests]
+    elif variant == "sample-untrimmed":
+        vlm = vlm.with_config(vlm.config.model_copy(update={"trim_references": False}))
+        requests = [GuardRequest(r.prompt, r.images, mode="sample") for r in requests]
     else:
         mode = {"unguarded": "off", "dataset": "dataset", "sample-lockstep": "sample"}[variant]
         requests = [GuardRequest(r.prompt, r.images, mode=mode) for r in requests]
@@ -63,26 +71,26 @@ def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tok
 
 
 def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[int],
-            repeats: int) -> list[dict]:
+            repeats: int, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
     prompts = anchor_prompts()
     rows = []
     for batch in batches:
         requests = [GuardRequest(prompts[i % len(prompts)], [synthetic_image(i)])
                     for i in range(batch)]
         for tokens in tokens_list:
-            for variant in VARIANTS:  # warm-up
+            for variant in variants:  # warm-up
                 run_variant(vlm, variant, requests[:1], 2)
-            times = {v: [] for v in VARIANTS}
+            times = {v: [] for v in variants}
             peaks: dict[str, float] = {}
             for _ in range(repeats):  # interleaved, so drift hits every variant alike
-                for variant in VARIANTS:
+                for variant in variants:
                     if vlm.model.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     times[variant].append(run_variant(vlm, variant, requests, tokens))
                     if vlm.model.device.type == "cuda":
                         peaks[variant] = torch.cuda.max_memory_allocated() / 2**30
             base = statistics.median(times["unguarded"])
-            for variant in VARIANTS:
+            for variant in variants:
                 ratios = [t / base for t in times[variant]]
                 rows.append({
                     "fixture": name, "batch": batch, "new_tokens": tokens, "variant": variant,
@@ -111,7 +119,10 @@ def main() -> None:
     parser.add_argument("--tokens", nargs="*", type=int, default=[32, 128])
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     args = parser.parse_args()
+    if "unguarded" not in args.variants:
+        parser.error("--variants must include unguarded (the baseline)")
     targets = [(args.model, args.model)] if args.model else [
         (name, str(fixture_path(name))) for name in args.fixtures]
     rows = []
@@ -119,7 +130,7 @@ def main() -> None:
         vlm = GuardedVLM.from_pretrained(path, config=GuardConfig(), device=args.device,
                                          dtype=getattr(torch, args.dtype) if args.dtype else None)
         vlm.compute_dataset_shift(anchor_prompts()[:8], batch_size=8, progress=False)
-        rows += measure(vlm, name, args.tokens, args.batch, args.repeats)
+        rows += measure(vlm, name, args.tokens, args.batch, args.repeats, tuple(args.variants))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(json.dumps({"benchmark": "overhead", "device": device,
                       "threads": torch.get_num_threads(), "rows": rows}))
