@@ -2,8 +2,10 @@
 
 CLIP ViT-L/14-336 vision tower (576 image tokens) and a Llama-2-7B-shaped text model, built from
 a hand-written config directly on the GPU, then ``bench/overhead.py``'s comparisons (latency
-ratios to unguarded and peak memory) at batch 1 and 8, 32 and 128 new tokens. Under 5 minutes on
-one H100-class card. ``--scale small`` shrinks every width for a CPU smoke run of this script.
+ratios to unguarded and peak memory) at batch 1 and 8, 32 and 128 new tokens, and
+``bench/vision_share.py``'s share of a call that a corruption-image feature cache could save.
+Under 5 minutes on one H100-class card. ``--scale small`` shrinks every width for a CPU smoke
+run of this script.
 
     python bench/gpu_llava7b.py [--scale full|small] [--repeats 3]
 """
@@ -30,6 +32,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead import measure
+from vision_share import vision_share
 
 from guardrail import GuardConfig, GuardedVLM
 from guardrail.testing import anchor_prompts, fixture_path
@@ -84,10 +87,12 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     vlm = build(args.scale, device)
     vlm.compute_dataset_shift(anchor_prompts()[:8], batch_size=8, progress=False)
-    rows = measure(vlm, f"llava7b-{args.scale}", args.tokens, args.batch, args.repeats)
+    label = f"llava7b-{args.scale}"
+    rows = measure(vlm, label, args.tokens, args.batch, args.repeats)
+    vision = [vision_share(vlm, label, batch, max(args.tokens), 1) for batch in args.batch]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(json.dumps({"benchmark": "gpu_llava7b", "device": name, "scale": args.scale,
-                      "rows": rows}))
+                      "rows": rows, "vision_share": vision}))
 
 
 if __name__ == "__main__":
