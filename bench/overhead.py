@@ -13,8 +13,9 @@ Variants, each forced to exactly N new tokens:
 * ``sample-lockstep`` - this project's sample level: the two reference rows ride in the same
                         batched pass, are fed each generated token, and stop after the deepest
                         edited layer.
-Prints a table (median and min-max over repeats) and a final JSON line. Peak memory is not
-measured here on CPU; see RESULTS.md.
+Ratios are paired: each repeat's time over the unguarded time of the same repeat (variants run
+interleaved), which cancels slow drift of a shared machine. Prints a table (median and min-max
+over repeats) and a final JSON line. Peak memory is not measured here on CPU; see RESULTS.md.
 
     python bench/overhead.py [--fixtures tiny smollm] [--tokens 32 128] [--batch 1 8]
                              [--repeats 3] [--variants ...]
@@ -89,9 +90,9 @@ def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[in
                     times[variant].append(run_variant(vlm, variant, requests, tokens))
                     if vlm.model.device.type == "cuda":
                         peaks[variant] = torch.cuda.max_memory_allocated() / 2**30
-            base = statistics.median(times["unguarded"])
-            for variant in variants:
-                ratios = [t / base for t in times[variant]]
+            for variant in variants:  # paired: each repeat against its own unguarded run
+                ratios = [t / base for t, base in zip(times[variant], times["unguarded"],
+                                                      strict=True)]
                 rows.append({
                     "fixture": name, "batch": batch, "new_tokens": tokens, "variant": variant,
                     "median_s": round(statistics.median(times[variant]), 4),
