@@ -39,6 +39,7 @@ class LayerPlan(Protocol):
 
 _ACTIVE: ContextVar[tuple[int, LayerPlan] | None] = ContextVar("cmrm_plan", default=None)
 _log = logging.getLogger(__name__)
+_UNTRIMMED_LAYERS: set[str] = set()  # layer classes already warned about
 EMBEDDINGS = -1  # the layer index plans see for the input embedding module's output
 
 
@@ -101,7 +102,6 @@ class RowTrim:
         return value
 
 
-_UNTRIMMED_LAYERS: set[str] = set()  # layer classes already warned about
 _HookKey = tuple[str, int]  # ("out" | "pre", layer index) or ("head", 0)
 
 
