@@ -89,17 +89,18 @@ class RowTrim:
         padding = logits.new_zeros((self.total - self.keep, *logits.shape[1:]))
         return torch.cat([logits, padding])
 
+    def _per_row(self, value: object) -> bool:
+        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.total
+
     def _batched(self, value: object) -> bool:
         if isinstance(value, tuple | list):
             return any(self._batched(v) for v in value)
-        return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.total
+        return self._per_row(value)
 
     def _rows(self, value: object) -> object:
         if isinstance(value, tuple):
             return tuple(self._rows(v) for v in value)
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == self.total:
-            return value[: self.keep]
-        return value
+        return value[: self.keep] if self._per_row(value) else value
 
 
 _HookKey = tuple[str, int]  # ("out" | "pre", layer index) or ("head", 0)
@@ -113,6 +114,7 @@ class DecoderHooks:
                  head: nn.Module | None = None) -> None:
         self._modules = dict(enumerate(layers))
         self._modules[EMBEDDINGS] = embeddings
+        self._num_layers = len(layers)
         self._head = head
         self._lock = threading.Lock()
         self._users: dict[_HookKey, int] = {}
@@ -121,8 +123,7 @@ class DecoderHooks:
     def _keys(self, plan: LayerPlan) -> list[_HookKey]:
         keys = [("out", index) for index in plan.hooked]
         if plan.trim is not None:
-            layers = len(self._modules) - 1
-            keys += [("pre", index) for index in range(plan.trim.after + 1, layers)]
+            keys += [("pre", index) for index in range(plan.trim.after + 1, self._num_layers)]
             keys += [("head", 0)] if self._head is not None else []
         return keys
 
