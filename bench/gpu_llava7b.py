@@ -73,7 +73,7 @@ def build(scale: str, device: str) -> GuardedVLM:
         num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
     print(f"built {scale} model in {time.perf_counter() - started:.1f} s "
           f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)", flush=True)
-    return GuardedVLM(model, processor, GuardConfig())
+    return GuardedVLM.from_model(model, processor, GuardConfig())
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tok
     _sync(vlm)
     started = time.perf_counter()
     if variant == "sample-3gen":
-        spec, size = vlm.config.corruption, vlm.default_image_size
+        spec, size = vlm.config.corruption, vlm.backend.default_image_size()
         text = [GuardRequest(r.prompt) for r in requests]
         blank = [GuardRequest(r.prompt, [corruption_image(spec, size) for _ in r.images],
                               mode="off") for r in requests]

@@ -17,6 +17,7 @@ import uuid
 import torch
 
 from guardrail import GuardedVLM
+from guardrail.requests import render_request
 from guardrail.testing import fixture_path, synthetic_image
 from shift_store import (
     CachedShiftSource,
@@ -51,8 +52,8 @@ def decode_step_seconds(name: str) -> float:
 
     def run(tokens: int) -> float:
         started = time.perf_counter()
-        vlm.model.generate(**vlm.encode([vlm._plan_row(
-            _request(image)).rendering]), max_new_tokens=tokens, min_new_tokens=tokens,
+        vlm.model.generate(**vlm.encode([render_request(_request(image))]),
+            max_new_tokens=tokens, min_new_tokens=tokens,
             do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id)
         return time.perf_counter() - started
 

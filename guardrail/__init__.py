@@ -1,5 +1,7 @@
 """cmrm-guardrail engine: CMRM (Liu et al. 2024) for local vision-language models."""
 
+from guardrail.version import __version__  # noqa: I001  (first: other modules read it)
+from guardrail.backends import Backend, TransformersBackend
 from guardrail.config import CorruptionSpec, GuardConfig
 from guardrail.decision import GuardDecision
 from guardrail.engine import GuardedOutput, GuardedVLM, Usage
@@ -11,12 +13,17 @@ from guardrail.errors import (
     InvalidInputError,
     MissingImagePlaceholderError,
     ShiftMismatchError,
+    UnknownModelFamilyError,
 )
-from guardrail.loading import find_decoder_layers
-from guardrail.prompts import GuardRequest
+from guardrail.families import FAMILIES, ModelFamily
+from guardrail.planning import RowPlan, plan_row
+from guardrail.requests import GuardRequest
+from guardrail.shifts import ShiftRequirements
 from shift_store import ShiftVector
 
 __all__ = [
+    "FAMILIES",
+    "Backend",
     "CorruptionSpec",
     "DecoderNotFoundError",
     "GuardConfig",
@@ -29,8 +36,14 @@ __all__ = [
     "InvalidImageError",
     "InvalidInputError",
     "MissingImagePlaceholderError",
+    "ModelFamily",
+    "RowPlan",
     "ShiftMismatchError",
+    "ShiftRequirements",
     "ShiftVector",
+    "TransformersBackend",
+    "UnknownModelFamilyError",
     "Usage",
-    "find_decoder_layers",
+    "__version__",
+    "plan_row",
 ]

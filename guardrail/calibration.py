@@ -1,4 +1,5 @@
-"""Measuring shift vectors: hidden states with the meaningless image minus without any image."""
+"""Measuring shift vectors on a backend: hidden states with the meaningless image minus without
+any image, for one input (sample level) or averaged over an anchor set (dataset level)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from guardrail.backends import Backend
+from guardrail.backends.hooks import CapturePlan
+from guardrail.config import CorruptionSpec
 from guardrail.errors import InvalidInputError
-from guardrail.hooks import CapturePlan
-from guardrail.prompts import GuardRequest, Rendering, corrupted, render_request, text_only
-
-if TYPE_CHECKING:
-    from guardrail.engine import GuardedVLM
+from guardrail.requests import GuardRequest, Rendering, corrupted, render_request, text_only
+from guardrail.shifts import MEASURED_POSITION
+from guardrail.trust import calibrate_threshold
+from guardrail.version import __version__
+from shift_store import ShiftMeta, ShiftVector
 
 
 def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -27,38 +31,36 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 @torch.no_grad()
-def capture_states(vlm: GuardedVLM, renderings: Sequence[Rendering],
+def capture_states(backend: Backend, renderings: Sequence[Rendering],
                    continuation: torch.Tensor | None = None) -> torch.Tensor:
     """Every layer's hidden states at the last prompt token, and at each token of
     ``continuation`` (``[batch, k]`` ids appended to every prompt):
     ``[num_layers, batch, 1 + k, hidden]`` float32."""
     span = 1 + (0 if continuation is None else continuation.shape[1])
-    plan = CapturePlan(range(vlm.num_layers), span)
-    inputs = vlm.encode(renderings, continuation)
-    with vlm.hooks.activate(plan):
-        vlm.model(**inputs, use_cache=False, logits_to_keep=1)
-    return plan.stacked(range(vlm.num_layers))
+    layers = range(backend.num_layers)
+    plan = CapturePlan(layers, span)
+    backend.forward(backend.encode(renderings, continuation), plan, use_cache=False)
+    return plan.stacked(layers)
 
 
-def reference_shifts(vlm: GuardedVLM, renderings: Sequence[Rendering],
-                     continuation: torch.Tensor | None = None,
+def reference_shifts(backend: Backend, corruption: CorruptionSpec,
+                     renderings: Sequence[Rendering], continuation: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """``h(x, img') − h(x)`` per layer, row and position (see :func:`capture_states`), and the
     text-only states ``h(x)`` themselves."""
-    spec, size = vlm.config.corruption, vlm.default_image_size
-    with_corruption = capture_states(vlm, [corrupted(r, spec, size) for r in renderings],
-                                     continuation)
-    text = capture_states(vlm, [text_only(r) for r in renderings], continuation)
+    size = backend.default_image_size()
+    with_corruption = capture_states(
+        backend, [corrupted(r, corruption, size) for r in renderings], continuation)
+    text = capture_states(backend, [text_only(r) for r in renderings], continuation)
     return with_corruption - text, text
 
 
-@torch.no_grad()
-def text_only_continuation(vlm: GuardedVLM, renderings: Sequence[Rendering],
+def text_only_continuation(backend: Backend, renderings: Sequence[Rendering],
                            tokens: int) -> torch.Tensor:
     """The model's own greedy text-only answer, exactly ``tokens`` long: ``[batch, tokens]``."""
-    inputs = vlm.encode([text_only(r) for r in renderings])
-    output = vlm.model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens,
-                                do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id)
+    inputs = backend.encode([text_only(r) for r in renderings])
+    output = backend.generate(inputs, None, request_rows=len(renderings), max_new_tokens=tokens,
+                              min_new_tokens=tokens, do_sample=False)
     return output[:, inputs["input_ids"].shape[1]:].cpu()
 
 
@@ -74,7 +76,8 @@ class CalibrationSums:
     text_sample: list[torch.Tensor]
 
 
-def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *,
+def dataset_shift_sums(backend: Backend, corruption: CorruptionSpec,
+                       samples: Iterable[str | GuardRequest], *,
                        batch_size: int, decode_tokens: int, progress: bool,
                        keep_states: int = 1024) -> CalibrationSums:
     """Sums of the prompt-token and generated-token shifts over ``samples``.
@@ -84,12 +87,12 @@ def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *
     Generated-token shifts are measured on the model's own ``decode_tokens``-long text-only
     answer, fed to both the text-only and the corrupted prompt.
     """
-    shape = (vlm.num_layers, vlm.hidden_size)
+    shape = (backend.num_layers, backend.hidden_size)
     sums = CalibrationSums(
         prompt=torch.zeros(shape, dtype=torch.float64),
         decode=torch.zeros(shape, dtype=torch.float64) if decode_tokens else None,
-        text_sum=torch.zeros(vlm.hidden_size, dtype=torch.float64),
-        text_square_sum=torch.zeros(vlm.hidden_size, dtype=torch.float64),
+        text_sum=torch.zeros(backend.hidden_size, dtype=torch.float64),
+        text_square_sum=torch.zeros(backend.hidden_size, dtype=torch.float64),
         count=0, text_sample=[],
     )
     reservoir_rng = random.Random(0)
@@ -98,9 +101,9 @@ def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *
         for chunk in batched(samples, batch_size):
             requests = [GuardRequest(s) if isinstance(s, str) else s for s in chunk]
             renderings = [render_request(r) for r in requests]
-            continuation = (text_only_continuation(vlm, renderings, decode_tokens)
+            continuation = (text_only_continuation(backend, renderings, decode_tokens)
                             if decode_tokens else None)
-            deltas, text = reference_shifts(vlm, renderings, continuation)
+            deltas, text = reference_shifts(backend, corruption, renderings, continuation)
             deltas = deltas.double().cpu()
             sums.prompt += deltas[:, :, 0].sum(dim=1)
             if sums.decode is not None:
@@ -118,3 +121,41 @@ def dataset_shift_sums(vlm: GuardedVLM, samples: Iterable[str | GuardRequest], *
     if sums.count == 0:
         raise InvalidInputError("the anchor data set is empty")
     return sums
+
+
+def compute_dataset_shift(backend: Backend, corruption: CorruptionSpec,
+                          samples: Iterable[str | GuardRequest], *, batch_size: int = 8,
+                          anchor_name: str | None = None, decode_tokens: int = 8,
+                          progress: bool = True) -> ShiftVector:
+    """Average ``Δ = h(x, img') − h(x)`` over an anchor data set, streaming in batches.
+
+    ``vectors`` is measured at the last prompt token; ``decode_vectors`` over the first
+    ``decode_tokens`` tokens of the model's own text-only answer (0 skips them, and decode
+    steps are then not corrected). Anchor statistics for the trust policy come with it.
+    """
+    sums = dataset_shift_sums(backend, corruption, samples, batch_size=batch_size,
+                              decode_tokens=decode_tokens, progress=progress)
+    n = sums.count
+    mean = sums.text_sum / n
+    std = (sums.text_square_sum / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)
+    mean, std = mean.float(), std.float()
+    meta = ShiftMeta(
+        model=backend.fingerprint, level="dataset", corruption=corruption.tag,
+        position=MEASURED_POSITION, anchor_name=anchor_name, anchor_size=n,
+        library_version=__version__,
+        anchor_distance_threshold=calibrate_threshold(mean, std, sums.text_sample),
+    )
+    return ShiftVector(
+        vectors=(sums.prompt / n).float(), meta=meta, anchor_mean=mean, anchor_std=std,
+        decode_vectors=None if sums.decode is None else (sums.decode / n).float(),
+    )
+
+
+def compute_sample_shift(backend: Backend, corruption: CorruptionSpec,
+                         rendering: Rendering) -> ShiftVector:
+    """``Δ`` at the last prompt token of one input (two prefill-only passes)."""
+    delta = reference_shifts(backend, corruption, [rendering])[0][:, 0, 0].cpu()
+    meta = ShiftMeta(model=backend.fingerprint, level="sample", anchor_size=1,
+                     corruption=corruption.tag, position=MEASURED_POSITION,
+                     library_version=__version__)
+    return ShiftVector(vectors=delta.float().contiguous(), meta=meta)

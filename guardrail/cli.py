@@ -14,10 +14,10 @@ import torch
 
 from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.config import GuardConfig
-from guardrail.datasets import DataReport, EvalSample, read_samples
 from guardrail.engine import GuardedVLM
 from guardrail.errors import GuardrailError
-from guardrail.prompts import GuardRequest
+from guardrail.evaluation.datasets import DataReport, EvalSample, read_samples
+from guardrail.requests import GuardRequest
 from shift_store import ShiftKey, open_store
 
 UNTRAINED_NOTICE = (
@@ -64,8 +64,8 @@ def demo(args: argparse.Namespace) -> int:
             print(f"Q: {question}\nA: {out.text}")
             print(f"   decision: {out.decision.model_dump_json(include=_SHOWN)}")
         print()
-    from guardrail.datasets import EvalSample
-    from guardrail.evaluation import representation
+    from guardrail.evaluation.datasets import EvalSample
+    from guardrail.evaluation.harness import representation
 
     folder = Path(args.plot).resolve().parent
     samples = []
@@ -81,7 +81,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.1f}, "
           f"corrected {rep.distance_corrected:.1f}; cluster separation: "
           f"{rep.separation_multimodal:.2f} -> {rep.separation_corrected:.2f}")
-    from guardrail.plots import plot_pca
+    from guardrail.evaluation.plots import plot_pca
 
     print(f"wrote {plot_pca(rep, args.plot, 'SmolLM2 fixture (untrained vision tower)')}\n")
     print(UNTRAINED_NOTICE)
@@ -129,8 +129,8 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def evaluate_command(args: argparse.Namespace) -> int:
     """The paper's evaluation table, JSON and plots."""
-    from guardrail.evaluation import as_json, evaluate, table
-    from guardrail.judges import make_judge
+    from guardrail.evaluation.harness import as_json, evaluate, table
+    from guardrail.evaluation.judges import make_judge
 
     report = DataReport()
     samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad,
@@ -151,7 +151,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         payload = as_json(results, rep) | {"judge": judge.name, "skipped": report.skipped}
         Path(args.json).write_text(json.dumps(payload, indent=2))
     if args.plot:
-        from guardrail.plots import plot_alpha_sweep, plot_pca
+        from guardrail.evaluation.plots import plot_alpha_sweep, plot_pca
 
         if rep is not None:
             print(f"wrote {plot_pca(rep, args.plot)}")

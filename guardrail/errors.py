@@ -33,8 +33,12 @@ class DecoderNotFoundError(GuardrailError, TypeError):
     """The model exposes no decoder layers that the guard could edit."""
 
 
+class UnknownModelFamilyError(GuardrailError, TypeError):
+    """No model family describes this model, or its family lacks a fact the guard needs."""
+
+
 class ShiftMismatchError(GuardrailError, ValueError):
-    """A shift vector belongs to another model, or its shape or dtype does not fit this one."""
+    """A shift vector does not fit: another model, shape, corruption, position or format."""
 
 
 class GuardUnavailableError(GuardrailError, RuntimeError):

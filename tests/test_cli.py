@@ -16,9 +16,9 @@ from PIL import Image
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from guardrail.cli import main
-from guardrail.datasets import DataError, DataReport, read_samples
-from guardrail.evaluation import wilson_interval
-from guardrail.judges import HfJudge, HttpJudge, RefusalJudge, parse_verdict
+from guardrail.evaluation.datasets import DataError, DataReport, read_samples
+from guardrail.evaluation.harness import wilson_interval
+from guardrail.evaluation.judges import HfJudge, HttpJudge, RefusalJudge, parse_verdict
 from guardrail.testing import anchor_prompts, synthetic_image
 
 ROOT = Path(__file__).resolve().parents[1]

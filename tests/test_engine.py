@@ -6,7 +6,6 @@ import io
 import json
 import logging
 import threading
-import time
 
 import pytest
 import torch
@@ -24,18 +23,19 @@ from guardrail import (
     MissingImagePlaceholderError,
     ShiftMismatchError,
 )
-from guardrail.hooks import EMBEDDINGS, CorrectionPlan, Lockstep, RowTrim
+from guardrail.backends import TransformersBackend
+from guardrail.backends.hooks import EMBEDDINGS, CorrectionPlan, Lockstep, RowTrim
+from guardrail.batching import prefill_mask, stacked_shifts
+from guardrail.requests import render_request
 from guardrail.testing import synthetic_image
 from shift_store import ShiftVector
 
 ANCHORS = ["What is in this picture?", "How do I open a locked door?", "Tell me about cats."]
 
 
-def test_tiny_fixture_loads_fast(tiny_path):
-    started = time.perf_counter()
+def test_tiny_fixture_loads_through_from_pretrained(tiny_path):
     vlm = GuardedVLM.from_pretrained(str(tiny_path))
-    assert time.perf_counter() - started < 1.0
-    assert (vlm.num_layers, vlm.hidden_size) == (4, 64)
+    assert (vlm.num_layers, vlm.hidden_size, vlm.family.name) == (4, 64, "llava")
 
 
 def test_dataset_shift_is_mean_of_sample_shifts(tiny_vlm):
@@ -124,12 +124,13 @@ def test_usage_counts_tokens(tiny_vlm, image):
 
 
 def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
-    rows = [tiny_vlm._plan_row(GuardRequest("What?", [image])).rendering,
-            tiny_vlm._plan_row(GuardRequest("A much longer text-only prompt here")).rendering]
+    rows = [render_request(GuardRequest("What?", [image])),
+            render_request(GuardRequest("A much longer text-only prompt here"))]
     inputs = tiny_vlm.encode(rows)
-    is_image = inputs["input_ids"] == tiny_vlm.image_token_id
+    image_token = tiny_vlm.backend.image_token_id
+    is_image = inputs["input_ids"] == image_token
     real = inputs["attention_mask"].bool()
-    masks = {p: tiny_vlm.with_config(GuardConfig(positions=p))._prefill_mask(inputs)
+    masks = {p: prefill_mask(GuardConfig(positions=p), inputs, image_token)
              for p in ("all", "text", "last")}
     assert torch.equal(masks["all"], real)
     assert torch.equal(masks["text"], real & ~is_image) and int(is_image.sum()) == 16
@@ -194,12 +195,12 @@ def test_row_trim_leaves_a_layer_with_unknown_batch_arguments_whole():
 
 def test_incremental_stacking_subtracts_each_layers_shift_once(tiny_vlm, image):
     shift = tiny_vlm.compute_dataset_shift(ANCHORS, progress=False, activate=False)
-    for stacking, expected in (
-        ("incremental", [shift.vectors[1], shift.vectors[3] - shift.vectors[1]]),
-        ("independent", [shift.vectors[1], shift.vectors[3]]),
+    for incremental, expected in (
+        (True, [shift.vectors[1], shift.vectors[3] - shift.vectors[1]]),
+        (False, [shift.vectors[1], shift.vectors[3]]),
     ):
-        vlm = tiny_vlm.with_config(GuardConfig(layers=(1, 3), stacking=stacking, alpha=0.5))
-        torch.testing.assert_close(vlm._stacked(shift.vectors, [1, 3]), torch.stack(expected))
+        torch.testing.assert_close(stacked_shifts(shift.vectors, [1, 3], incremental),
+                                   torch.stack(expected))
 
 
 def test_bad_images_raise_typed_errors(tiny_vlm, image):
@@ -229,9 +230,9 @@ def test_shift_of_another_model_or_shape_is_refused(tiny_vlm, tiny_path, image):
     other = AutoModelForImageTextToText.from_pretrained(tiny_path)
     with torch.no_grad():
         other.get_decoder().layers[0].mlp.down_proj.weight.mul_(1.01)  # a "fine-tuned" copy
-    other_vlm = GuardedVLM(other, tiny_vlm.processor)
+    other_vlm = GuardedVLM.from_model(other, tiny_vlm.processor)
     assert other_vlm.fingerprint.id != tiny_vlm.fingerprint.id
-    with pytest.raises(ShiftMismatchError, match="belongs to model"):
+    with pytest.raises(ShiftMismatchError, match="computed on model"):
         other_vlm.set_dataset_shift(shift)
     with pytest.raises(ShiftMismatchError):
         other_vlm.generate("What?", [image], mode="dataset", shift=shift, max_new_tokens=2)
@@ -252,7 +253,7 @@ def test_model_without_decoder_is_refused():
             return torch.nn.Linear(2, 2)
 
     with pytest.raises(DecoderNotFoundError, match="NoDecoder"):
-        GuardedVLM(NoDecoder(), processor=None)
+        TransformersBackend(NoDecoder(), processor=None, family="llava")
 
 
 def test_bad_layer_config_is_refused(tiny_vlm):
@@ -270,7 +271,7 @@ def test_concurrent_calls_never_see_each_others_correction(tiny_vlm):
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with tiny_vlm.hooks.activate(plan):
+        with tiny_vlm.backend.hooks.activate(plan):
             inside.set()
             release.wait(10)
 
@@ -309,7 +310,7 @@ def test_threads_with_different_alpha_match_their_sequential_answers(tiny_vlm):
         t.join()
     for alpha in alphas:
         assert results[alpha] == [expected[alpha]] * 4
-    assert all(len(layer._forward_hooks) == 0 for layer in vlm._layers)
+    assert all(len(layer._forward_hooks) == 0 for layer in vlm.backend.layers)
 
 
 def test_bfloat16_model_is_guarded_in_its_own_dtype(tiny_path, image):

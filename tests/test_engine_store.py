@@ -6,8 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from guardrail import GuardConfig, GuardedVLM, GuardUnavailableError
-from shift_store import LocalShiftStore, open_store
+from guardrail import (
+    CorruptionSpec,
+    GuardConfig,
+    GuardedVLM,
+    GuardUnavailableError,
+    ShiftMismatchError,
+)
+from shift_store import FORMAT_VERSION, LocalShiftStore, open_store
 
 
 def test_from_pretrained_with_store_computes_once_then_hits(tiny_path, tmp_path, image):
@@ -30,7 +36,7 @@ def test_another_checkpoint_never_gets_this_models_vector(tiny_path, tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(tiny_path)
     with torch.no_grad():
         model.get_decoder().layers[2].self_attn.o_proj.weight.add_(1e-3)
-    tuned = GuardedVLM(model, original.processor)
+    tuned = GuardedVLM.from_model(model, original.processor)
     lookup = tuned.use_store(store, compute_on_miss=False)
     assert lookup.vector is None and tuned.dataset_shift is None
     tuned.use_store(store)
@@ -42,7 +48,8 @@ def test_redis_outage_falls_back_and_recovers(tiny_path, own_redis, image):
     url = f"{own_redis.url}?namespace=engine&retries=0"
     vlm = GuardedVLM.from_pretrained(str(tiny_path), store=url)
     shift = vlm.dataset_shift
-    vlm._source.revalidate_s = vlm._source.retry_after_s = 0.0  # check the store on every call
+    source = vlm.shifts.source
+    source.revalidate_s = source.retry_after_s = 0.0  # check the store on every call
     own_redis.kill()
     out = vlm.generate("What is this?", [image], max_new_tokens=2)
     assert out.decision.mode_used == "dataset" and out.decision.shift_id == shift.checksum[:12]
@@ -58,7 +65,36 @@ def test_redis_outage_falls_back_and_recovers(tiny_path, own_redis, image):
     assert any("unreachable" in f for f in info.value.decision.fallbacks)
 
     own_redis.start()
-    open_store(url).put(vlm._source.key, shift)  # e.g. recalibrated by another replica
-    cold._source.revalidate_s = cold._source.retry_after_s = 0.0
+    open_store(url).put(vlm.shifts.source.key, shift)  # e.g. recalibrated by another replica
+    cold.shifts.source.revalidate_s = cold.shifts.source.retry_after_s = 0.0
     out = cold.generate("What is this?", [image], max_new_tokens=2)
     assert out.decision.mode_used == "dataset" and out.decision.fallbacks == []
+
+
+def test_a_view_with_another_corruption_never_applies_the_blank_shift(tiny_path, tmp_path, image):
+    """with_config once kept the shift source of the old corruption: a noise view applied the
+    blank dataset shift as if it were its own."""
+    vlm = GuardedVLM.from_pretrained(str(tiny_path), store=LocalShiftStore(tmp_path))
+    blank = vlm.dataset_shift
+    assert blank is not None and blank.meta.corruption == "blank"
+    noisy = vlm.with_config(GuardConfig(corruption=CorruptionSpec(kind="noise", seed=3)))
+    assert noisy.dataset_shift is None
+    out = noisy.generate("What is this?", [image], max_new_tokens=2)
+    assert out.decision.mode_used == "sample" and out.decision.shift_id is None
+    assert "no dataset-level shift" in out.decision.fallbacks[0]
+    assert "noise-seed3" in noisy.shifts.key_name and "blank" not in noisy.shifts.key_name
+    same = vlm.with_config(GuardConfig(alpha=0.5))  # same corruption: the shift is shared
+    assert same.generate("What is this?", [image], max_new_tokens=2).decision.mode_used == "dataset"
+    fixed = vlm.with_config(GuardConfig())
+    fixed.set_dataset_shift(blank)
+    assert fixed.with_config(GuardConfig(corruption={"kind": "noise"})).dataset_shift is None
+
+
+def test_shift_checks_cover_corruption_position_and_format(tiny_vlm):
+    shift = tiny_vlm.compute_sample_shift("What is this?")
+    for update, message in (({"corruption": "noise-seed0"}, "corruption"),
+                            ({"position": "mean-of-prompt"}, "measured at"),
+                            ({"format_version": FORMAT_VERSION + 1}, "format version")):
+        wrong = type(shift)(vectors=shift.vectors, meta=shift.meta.model_copy(update=update))
+        with pytest.raises(ShiftMismatchError, match=message):
+            tiny_vlm.check_shift(wrong)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria
 
 from guardrail import GuardConfig, GuardRequest
 from guardrail.images import corruption_image
+from guardrail.requests import render_request
 from guardrail.testing import SMOLLM_GGUF, smollm_gguf_dir
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea."]
@@ -24,7 +25,8 @@ def plain_smollm():
 
 
 def _hook_counts(vlm) -> list[int]:
-    modules = [*vlm._layers, vlm.model.get_input_embeddings(), vlm.model.get_output_embeddings()]
+    modules = [*vlm.backend.layers, vlm.model.get_input_embeddings(),
+               vlm.model.get_output_embeddings()]
     return [len(module._forward_hooks) + len(module._forward_pre_hooks) for module in modules]
 
 
@@ -45,8 +47,7 @@ def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
 
 
 def test_alpha_zero_and_off_equal_unguarded(smollm_vlm, image):
-    inputs = smollm_vlm.encode([smollm_vlm._plan_row(GuardRequest("Describe it.", [image]))
-                                 .rendering])
+    inputs = smollm_vlm.encode([render_request(GuardRequest("Describe it.", [image]))])
     with torch.no_grad():
         raw = smollm_vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False,
                                         pad_token_id=smollm_vlm.tokenizer.pad_token_id)
@@ -144,7 +145,7 @@ def test_trimmed_reference_rows_change_nothing(smollm_vlm, image, layers):
                      mode="sample"),
         GuardRequest("What is in this picture?", [image], mode="off"),
     ]
-    last = vlm._layers[-1]
+    last = vlm.backend.layers[-1]
     rows_seen: list[int] = []
     handle = last.register_forward_hook(lambda _m, _a, out: rows_seen.append(out.shape[0]))
     try:

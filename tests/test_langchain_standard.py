@@ -44,6 +44,6 @@ class TestChatGuardedVLMUnit(_Params, ChatModelUnitTests):
 class TestChatGuardedVLMIntegration(_Params, ChatModelIntegrationTests):
     @pytest.mark.xfail(reason="downloads a picture from the internet, which this workplace cannot "
                               "reach; test_adapter.py covers the same three image formats offline",
-                       strict=False)
+                       strict=True)
     def test_image_inputs(self, model) -> None:
         super().test_image_inputs(model)

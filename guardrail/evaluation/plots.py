@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from guardrail.evaluation import ModeResult, Representation
-from guardrail.judges import RefusalJudge
+from guardrail.evaluation.harness import ModeResult, Representation
+from guardrail.evaluation.judges import RefusalJudge
 
 
 def _pyplot():

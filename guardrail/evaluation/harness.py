@@ -11,10 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from guardrail.calibration import batched
-from guardrail.datasets import EvalSample
 from guardrail.engine import GuardedVLM
-from guardrail.judges import Judge
-from guardrail.prompts import GuardRequest
+from guardrail.evaluation.datasets import EvalSample
+from guardrail.evaluation.judges import Judge
+from guardrail.requests import GuardRequest
 
 MODES = ("vlm", "text-only", "caption", "dataset", "sample")
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from guardrail.errors import GuardrailError
+from guardrail.families.family import TRIM_ARGUMENTS
 
 
 class LayerPlan(Protocol):
@@ -54,10 +55,10 @@ class RowTrim:
     for the whole call, so that the KV cache stays consistent.
     """
 
-    BATCH_ARGUMENTS = ("hidden_states", "attention_mask", "position_ids", "position_embeddings")
-
-    def __init__(self, after: int, keep: int, total: int) -> None:
+    def __init__(self, after: int, keep: int, total: int,
+                 arguments: Sequence[str] = TRIM_ARGUMENTS) -> None:
         self.after, self.keep, self.total = after, keep, total
+        self.arguments = frozenset(arguments)  # the layer arguments known to be per row
         self.state: Literal["pending", "on", "off"] = "pending"
         self.reason = ""
 
@@ -65,7 +66,7 @@ class RowTrim:
         """Arguments of a decoder layer past ``after``, cut to the request rows."""
         if self.state == "pending":
             unknown = [name for name, value in kwargs.items()
-                       if name not in self.BATCH_ARGUMENTS and self._batched(value)]
+                       if name not in self.arguments and self._batched(value)]
             if len(args) > 1 or unknown:
                 self.state = "off"
                 self.reason = f"{layer} takes batch-sized arguments {unknown or args[1:]!r}"
@@ -76,7 +77,7 @@ class RowTrim:
                 self.state = "on"
         if self.state == "off":
             return None
-        cut = {name: self._rows(value) if name in self.BATCH_ARGUMENTS else value
+        cut = {name: self._rows(value) if name in self.arguments else value
                for name, value in kwargs.items()}
         return tuple(self._rows(arg) for arg in args), cut
 
@@ -199,22 +200,33 @@ class DecoderHooks:
 
 
 class CapturePlan:
-    """Records each wanted layer's hidden states at the last ``span`` positions."""
+    """Records hidden states at the last ``span`` positions of each layer up to the deepest
+    wanted one.
+
+    A layer that did not run passed its input through (Mllama skips its cross-attention layers
+    when no row has an image), so its state is the nearest earlier layer's.
+    """
 
     def __init__(self, layers: Sequence[int], span: int = 1) -> None:
-        self._wanted = set(layers)
-        self.hooked = frozenset(self._wanted)
+        self.hooked = frozenset(range(max(layers) + 1))
         self.trim: RowTrim | None = None
         self._span = span
         self.states: dict[int, torch.Tensor] = {}
 
     def on_output(self, layer: int, hidden: torch.Tensor) -> None:
-        if layer in self._wanted:
+        if layer in self.hooked:
             self.states[layer] = hidden[:, -self._span :, :].float()
+
+    def state(self, layer: int) -> torch.Tensor:
+        """``[batch, span, hidden]`` float32 output of ``layer``."""
+        ran = [index for index in self.states if index <= layer]
+        if not ran:
+            raise GuardrailError(f"no decoder layer up to {layer} ran; nothing to capture")
+        return self.states[max(ran)]
 
     def stacked(self, layers: Sequence[int]) -> torch.Tensor:
         """States as ``[len(layers), batch, span, hidden]`` float32."""
-        return torch.stack([self.states[layer] for layer in layers])
+        return torch.stack([self.state(layer) for layer in layers])
 
 
 @dataclass(frozen=True)

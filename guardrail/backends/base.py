@@ -1,0 +1,64 @@
+"""The backend protocol: what the engine needs from a model runtime."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from guardrail.backends.hooks import LayerPlan
+from guardrail.families import ModelFamily
+from guardrail.requests import Rendering
+from shift_store import ModelFingerprint
+
+Inputs = dict[str, torch.Tensor]
+
+
+class Backend(Protocol):
+    """A loaded vision-language model that can run with a :class:`LayerPlan` applied.
+
+    The engine plans, the backend runs: it renders and encodes conversations, and runs forward
+    passes and generation with the plan's hooks on its decoder layers. ``TransformersBackend``
+    is the first implementation; another runtime implements these members.
+    """
+
+    family: ModelFamily
+    fingerprint: ModelFingerprint
+    layers: nn.ModuleList
+    num_layers: int
+    hidden_size: int
+    image_token_id: int
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def default_image_size(self) -> tuple[int, int]:
+        """(width, height) of the corruption image for a prompt without an image."""
+        ...
+
+    def encode(self, renderings: Sequence[Rendering],
+               continuation: torch.Tensor | None = None) -> Inputs:
+        """Model inputs for ``renderings``, left-padded, with ``continuation`` ids
+        (``[batch, k]``) appended to every row when given."""
+        ...
+
+    def forward(self, inputs: Inputs, plan: LayerPlan | None, *,
+                use_cache: bool = True) -> torch.Tensor:
+        """One forward pass with ``plan`` applied: last-position logits ``[batch, vocab]``."""
+        ...
+
+    def generate(self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int,
+                 **generation: Any) -> torch.Tensor:
+        """Generate with ``plan`` applied; rows past ``request_rows`` are reference rows that
+        never stop generation nor reach a streamer. Returns prompt plus new token ids."""
+        ...
+
+    def stop_token_ids(self) -> set[int]:
+        """Token ids that end an answer (end of sequence and padding)."""
+        ...

@@ -1,0 +1,137 @@
+"""The transformers backend: an ``AutoModelForImageTextToText`` model and its processor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    StoppingCriteriaList,
+)
+
+from guardrail.backends.base import Inputs
+from guardrail.backends.fingerprint import fingerprint_model
+from guardrail.backends.hooks import DecoderHooks, LayerPlan
+from guardrail.backends.processors import load_processor
+from guardrail.backends.streaming import FirstRowStreamer, ReferenceRowsDone
+from guardrail.families import ModelFamily, family_for, family_named
+from guardrail.requests import Rendering
+
+
+class TransformersBackend:
+    """A transformers vision-language model, run with CMRM's hooks on its decoder layers.
+
+    ``family`` is found from the model config unless given (a :class:`ModelFamily`, or the name
+    of a known one). The processor's tokenizer is used as it is: padding side is chosen per call.
+    """
+
+    def __init__(self, model: PreTrainedModel, processor: Any,
+                 family: ModelFamily | str | None = None) -> None:
+        self.family = _resolve(family, getattr(model, "config", None))
+        self.layers = self.family.decoder_layers(model)
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.num_layers = len(self.layers)
+        self.hidden_size = int(model.config.get_text_config().hidden_size)
+        self.image_token_id = self.family.image_token_id(model.config)
+        self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
+        self.hooks = DecoderHooks(self.layers, model.get_input_embeddings(),
+                                  model.get_output_embeddings())
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, family: ModelFamily | str | None = None,
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, revision: str | None = None,
+                        **model_kwargs: Any) -> TransformersBackend:
+        """Load a hub name or local folder (``dtype`` may be a name such as ``"bfloat16"``)."""
+        if isinstance(dtype, str) and dtype != "auto":
+            dtype = getattr(torch, dtype)
+        resolved = _resolve(family, AutoConfig.from_pretrained(name_or_path, revision=revision))
+        processor = load_processor(name_or_path, resolved, revision)
+        model = AutoModelForImageTextToText.from_pretrained(
+            name_or_path, revision=revision, dtype=dtype or "auto", **model_kwargs
+        )
+        if device is not None:
+            model = model.to(device)
+        return cls(model, processor, resolved)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def default_image_size(self) -> tuple[int, int]:
+        return self.family.default_image_size(self.processor)
+
+    def encode(self, renderings: Sequence[Rendering],
+               continuation: torch.Tensor | None = None) -> Inputs:
+        texts = [
+            self.processor.apply_chat_template(r.messages, add_generation_prompt=True,
+                                               tokenize=False)
+            for r in renderings
+        ]
+        images: list[Any] | None
+        if self.family.images_per_row:
+            images = [list(r.images) for r in renderings]
+        else:
+            images = [image for r in renderings for image in r.images]
+        if not any(r.images for r in renderings):
+            images = None
+        inputs = self.processor(text=texts, images=images, padding=True, padding_side="left",
+                                return_tensors="pt")
+        if continuation is not None:
+            inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], dim=1)
+            inputs["attention_mask"] = torch.cat(
+                [inputs["attention_mask"], torch.ones_like(continuation)], dim=1)
+            for name in ("token_type_ids", "mm_token_type_ids"):  # text tokens are type 0
+                if name in inputs:
+                    inputs[name] = torch.cat([inputs[name], torch.zeros_like(continuation)], 1)
+            if "cross_attention_mask" in inputs:  # Mllama: new tokens see what the last one saw
+                mask = inputs["cross_attention_mask"]
+                extra = mask[:, -1:].expand(-1, continuation.shape[1], *mask.shape[2:])
+                inputs["cross_attention_mask"] = torch.cat([mask, extra], dim=1)
+        return dict(inputs.to(self.device))
+
+    @torch.no_grad()
+    def forward(self, inputs: Inputs, plan: LayerPlan | None, *,
+                use_cache: bool = True) -> torch.Tensor:
+        with self._applied(plan):
+            output = self.model(**inputs, use_cache=use_cache, logits_to_keep=1)
+        return output.logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int,
+                 **generation: Any) -> torch.Tensor:
+        generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if inputs["input_ids"].shape[0] > request_rows:
+            criteria = StoppingCriteriaList(generation.pop("stopping_criteria", None) or [])
+            criteria.append(ReferenceRowsDone(request_rows))
+            generation["stopping_criteria"] = criteria
+            if generation.get("streamer") is not None:
+                generation["streamer"] = FirstRowStreamer(generation["streamer"])
+        with self._applied(plan):
+            output: torch.Tensor = self.model.generate(**inputs, **generation, use_cache=True)
+        return output
+
+    def stop_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        stops = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
+        return {int(t) for t in stops if t is not None}
+
+    def _applied(self, plan: LayerPlan | None) -> AbstractContextManager[None]:
+        return nullcontext() if plan is None else self.hooks.activate(plan)
+
+
+def _resolve(family: ModelFamily | str | None, config: Any) -> ModelFamily:
+    if isinstance(family, ModelFamily):
+        return family
+    return family_named(family) if family is not None else family_for(config)

@@ -1,0 +1,26 @@
+"""Locally built models for tests, benchmarks and the demo; not imported by the engine."""
+
+from guardrail.anchors import bundled_anchor_prompts as anchor_prompts
+from guardrail.testing.fixtures import (
+    FIXTURES,
+    SMOLLM_GGUF,
+    build_smollm_llava,
+    build_tiny_llava,
+    fixture_path,
+    smollm_gguf_dir,
+    synthetic_image,
+)
+from guardrail.testing.tiny import TINY_FAMILIES, build_tiny_vlm
+
+__all__ = [
+    "FIXTURES",
+    "SMOLLM_GGUF",
+    "TINY_FAMILIES",
+    "anchor_prompts",
+    "build_smollm_llava",
+    "build_tiny_llava",
+    "build_tiny_vlm",
+    "fixture_path",
+    "smollm_gguf_dir",
+    "synthetic_image",
+]
