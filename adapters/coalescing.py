@@ -72,8 +72,9 @@ class RequestCoalescer:
         finally:
             group.done.set()
 
-    def _run_alone(self, request: GuardRequest,
-                   settings: dict[str, Any]) -> GuardedOutput | Exception:
+    def _run_alone(
+        self, request: GuardRequest, settings: dict[str, Any]
+    ) -> GuardedOutput | Exception:
         try:
             return self._run_batch([request], settings)[0]
         except Exception as e:  # delivered to that request's caller

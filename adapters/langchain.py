@@ -78,18 +78,20 @@ class ChatGuardedVLM(BaseChatModel):
 
     def model_post_init(self, _context: Any) -> None:
         base = shared_model(self.model, self.device, self.dtype)
-        config = GuardConfig(alpha=self.alpha, mode=self.mode, layers=self.layers,
-                             on_unavailable=self.on_unavailable)
+        config = GuardConfig(
+            alpha=self.alpha, mode=self.mode, layers=self.layers, on_unavailable=self.on_unavailable
+        )
         self._vlm = base.with_config(config)
         store = open_store(self.store, namespace=self.app)  # the URL may name its own namespace
-        self._vlm.use_store(store, anchor_name=self.anchor_name,
-                            anchors=self.anchors)
+        self._vlm.use_store(store, anchor_name=self.anchor_name, anchors=self.anchors)
         policy = self.trust_policy
         self._policy = POLICIES[policy]() if isinstance(policy, str) else policy
-        self._fetcher = RemoteImageFetcher(allow_hosts=self.allow_image_hosts,
-                                           allow_networks=self.allow_image_networks,
-                                           max_bytes=self.max_image_bytes,
-                                           timeout_s=self.image_timeout_s)
+        self._fetcher = RemoteImageFetcher(
+            allow_hosts=self.allow_image_hosts,
+            allow_networks=self.allow_image_networks,
+            max_bytes=self.max_image_bytes,
+            timeout_s=self.image_timeout_s,
+        )
         self._coalescer = RequestCoalescer(self._run_batch, self.batch_window_ms / 1000)
 
     @property
@@ -102,8 +104,12 @@ class ChatGuardedVLM(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(ls_provider="cmrm-guardrail", ls_model_name=kwargs.get("model", self.model),
-                      ls_max_tokens=self.max_tokens, ls_temperature=self.temperature)
+        params.update(
+            ls_provider="cmrm-guardrail",
+            ls_model_name=kwargs.get("model", self.model),
+            ls_max_tokens=self.max_tokens,
+            ls_temperature=self.temperature,
+        )
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
@@ -122,12 +128,14 @@ class ChatGuardedVLM(BaseChatModel):
             self._vlm.record_refusal(e, self.app)
             raise
 
-    def _classified_request(self, messages: list[BaseMessage],
-                            kwargs: dict[str, Any]) -> GuardRequest:
+    def _classified_request(
+        self, messages: list[BaseMessage], kwargs: dict[str, Any]
+    ) -> GuardRequest:
         started = time.perf_counter()
         if kwargs.get("model", self.model) != self.model:
             raise InvalidInputError(
-                f"per-call model override is not supported: this chat model runs {self.model}")
+                f"per-call model override is not supported: this chat model runs {self.model}"
+            )
         trust: Trust | None = kwargs.get("trust")
         conversation = to_conversation(messages, self._fetcher)
         request = GuardRequest(conversation.messages, conversation.images, app=self.app)
@@ -138,11 +146,17 @@ class ChatGuardedVLM(BaseChatModel):
         else:
             verdict = self._policy.classify(
                 TrustInput(tuple(conversation.sources), lambda: self._vlm.text_state(request)),
-                self._vlm.anchor_stats())
+                self._vlm.anchor_stats(),
+            )
             trusted, reason = verdict.trusted, verdict.reason
         reason += f" (checked in {(time.perf_counter() - started) * 1e3:.1f} ms)"
-        return GuardRequest(conversation.messages, conversation.images, app=self.app,
-                            trusted=trusted, trust_reason=reason)
+        return GuardRequest(
+            conversation.messages,
+            conversation.images,
+            app=self.app,
+            trusted=trusted,
+            trust_reason=reason,
+        )
 
     def _settings(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
         temperature = kwargs.get("temperature", self.temperature)
@@ -156,17 +170,26 @@ class ChatGuardedVLM(BaseChatModel):
             settings["stop_strings"] = list(stop)
         return settings
 
-    def _run_batch(self, requests: list[GuardRequest],
-                   settings: dict[str, Any]) -> list[GuardedOutput]:
+    def _run_batch(
+        self, requests: list[GuardRequest], settings: dict[str, Any]
+    ) -> list[GuardedOutput]:
         extra = {"tokenizer": self._vlm.tokenizer} if "stop_strings" in settings else {}
         return self._vlm.generate_batch(requests, **settings, **extra)
 
     def _message(self, text: str, output: GuardedOutput, cls: type = AIMessage) -> BaseMessage:
-        usage = UsageMetadata(input_tokens=output.usage.prompt_tokens,
-                              output_tokens=output.usage.completion_tokens,
-                              total_tokens=output.usage.total_tokens)
-        return cls(content=text, usage_metadata=usage, response_metadata={
-            "model_name": self.model, "safety": output.decision.model_dump(mode="json")})
+        usage = UsageMetadata(
+            input_tokens=output.usage.prompt_tokens,
+            output_tokens=output.usage.completion_tokens,
+            total_tokens=output.usage.total_tokens,
+        )
+        return cls(
+            content=text,
+            usage_metadata=usage,
+            response_metadata={
+                "model_name": self.model,
+                "safety": output.decision.model_dump(mode="json"),
+            },
+        )
 
     @staticmethod
     def _cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -176,17 +199,26 @@ class ChatGuardedVLM(BaseChatModel):
     def _report(self, output: GuardedOutput, run_manager: CallbackManagerForLLMRun | None) -> None:
         if run_manager is None:
             return
-        dispatcher = CallbackManager(run_manager.handlers, run_manager.inheritable_handlers,
-                                     parent_run_id=run_manager.parent_run_id,
-                                     tags=run_manager.tags, metadata=run_manager.metadata)
-        dispatcher.on_custom_event("guardrail_decision", output.decision.model_dump(mode="json"),
-                                   run_id=run_manager.run_id)
+        dispatcher = CallbackManager(
+            run_manager.handlers,
+            run_manager.inheritable_handlers,
+            parent_run_id=run_manager.parent_run_id,
+            tags=run_manager.tags,
+            metadata=run_manager.metadata,
+        )
+        dispatcher.on_custom_event(
+            "guardrail_decision", output.decision.model_dump(mode="json"), run_id=run_manager.run_id
+        )
 
     # ----------------------------------------------------------------- LangChain API
 
-    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                  run_manager: CallbackManagerForLLMRun | None = None,
-                  **kwargs: Any) -> ChatResult:
+    def _generate(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> ChatResult:
         stop = stop or self.stop
         request = self._request(messages, kwargs)
         output = self._coalescer.submit(request, self._settings(stop, kwargs))
@@ -194,13 +226,18 @@ class ChatGuardedVLM(BaseChatModel):
         message = self._message(self._cut_at_stop(output.text, stop), output)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
-    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
-                run_manager: CallbackManagerForLLMRun | None = None,
-                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
         stop = stop or self.stop
         request = self._request(messages, kwargs)
-        streamer = TextIteratorStreamer(self._vlm.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
+        streamer = TextIteratorStreamer(
+            self._vlm.tokenizer, skip_prompt=True, skip_special_tokens=True
+        )
         result: dict[str, Any] = {}
 
         def work() -> None:

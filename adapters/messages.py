@@ -87,6 +87,7 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
                 raise UnsupportedContentError(f"content block of type {kind!r} is not supported")
         has_image = any(p["type"] == "image" for p in parts)
         content: str | list[dict[str, Any]] = (
-            parts if has_image else "".join(p["text"] for p in parts))
+            parts if has_image else "".join(p["text"] for p in parts)
+        )
         conversation.messages.append({"role": _role(message), "content": content})
     return conversation

@@ -32,9 +32,15 @@ class RemoteImageFetcher:
     opts specific non-public networks back in (for example an internal CDN, or tests).
     """
 
-    def __init__(self, *, allow_hosts: Sequence[str] | None = None,
-                 allow_networks: Sequence[str] = (), max_bytes: int = 10_000_000,
-                 timeout_s: float = 5.0, max_redirects: int = 3) -> None:
+    def __init__(
+        self,
+        *,
+        allow_hosts: Sequence[str] | None = None,
+        allow_networks: Sequence[str] = (),
+        max_bytes: int = 10_000_000,
+        timeout_s: float = 5.0,
+        max_redirects: int = 3,
+    ) -> None:
         self.allow_hosts = None if allow_hosts is None else {h.lower() for h in allow_hosts}
         self.allow_networks: list[Network] = [ipaddress.ip_network(n) for n in allow_networks]
         self.max_bytes, self.timeout_s, self.max_redirects = max_bytes, timeout_s, max_redirects

@@ -33,17 +33,25 @@ def throughput(batch_sizes: list[int], n: int) -> list[dict]:
         started = time.perf_counter()
         vlm.compute_dataset_shift(anchors(n), batch_size=batch, progress=False, activate=False)
         seconds = time.perf_counter() - started
-        rows.append({"batch_size": batch, "anchors": n, "seconds": round(seconds, 2),
-                     "anchors_per_s": round(n / seconds, 2)})
-        print(f"batch {batch:>2}: {n / seconds:6.2f} anchors/s ({seconds:.1f} s for {n})",
-              flush=True)
+        rows.append(
+            {
+                "batch_size": batch,
+                "anchors": n,
+                "seconds": round(seconds, 2),
+                "anchors_per_s": round(n / seconds, 2),
+            }
+        )
+        print(
+            f"batch {batch:>2}: {n / seconds:6.2f} anchors/s ({seconds:.1f} s for {n})", flush=True
+        )
     return rows
 
 
 def peak_rss_mib(n: int) -> tuple[float, float]:
     """RSS before and peak RSS during calibration on ``n`` anchors, in a fresh process."""
-    out = subprocess.run([sys.executable, __file__, "--child", str(n)], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(n)], capture_output=True, text=True, check=True
+    ).stdout
     before, peak = map(float, out.strip().splitlines()[-1].split())
     return before, peak
 
@@ -67,8 +75,11 @@ def main() -> None:
     for n in (16, 64, 256):
         before, peak = peak_rss_mib(n)
         memory[str(n)] = {"rss_before_mib": round(before, 1), "peak_mib": round(peak, 1)}
-        print(f"{n:>4} anchors: RSS {before:.0f} MiB before, peak {peak:.0f} MiB "
-              f"(+{peak - before:.0f})", flush=True)
+        print(
+            f"{n:>4} anchors: RSS {before:.0f} MiB before, peak {peak:.0f} MiB "
+            f"(+{peak - before:.0f})",
+            flush=True,
+        )
     print(json.dumps({"benchmark": "calibrate", "throughput": rows, "peak_rss_mib": memory}))
 
 

@@ -36,7 +36,8 @@ def text_perplexity(vlm: GuardedVLM, prompts: list[str], continuations: list[lis
         if not tokens:
             continue
         text = vlm.processor.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         ids = vlm.tokenizer(text, return_tensors="pt").input_ids
         full = torch.cat([ids, torch.tensor([tokens])], dim=1)
         logits = vlm.model(input_ids=full).logits[0, ids.shape[1] - 1 : -1].float()
@@ -63,33 +64,45 @@ def main() -> None:
         for layer in (n // 3, n // 2, 2 * n // 3, 5 * n // 6, n - 1):
             candidates.append((f"layer {layer}", (layer,), positions, "incremental"))
     for positions in ("last", "text"):
-        candidates += [("all layers", tuple(range(n)), positions, stacking)
-                       for stacking in ("independent", "incremental")]
+        candidates += [
+            ("all layers", tuple(range(n)), positions, stacking)
+            for stacking in ("independent", "incremental")
+        ]
     rows = []
     for name, layers, positions, stacking in candidates:
         off = stacking == "off"
-        cfg = GuardConfig(layers=layers, positions=positions, alpha=0.0 if off else 1.0,
-                          stacking="incremental" if off else stacking)
+        cfg = GuardConfig(
+            layers=layers,
+            positions=positions,
+            alpha=0.0 if off else 1.0,
+            stacking="incremental" if off else stacking,
+        )
         vlm = base.with_config(cfg)
         started = time.perf_counter()
         row = {"layers": name, "positions": positions, "stacking": stacking}
         for level in ("dataset", "sample"):
-            requests = [GuardRequest(r.prompt, r.images, mode="off" if off else level)
-                        for r in mm]
+            requests = [GuardRequest(r.prompt, r.images, mode="off" if off else level) for r in mm]
             logits, _ = vlm.next_token_logits(requests)
             outs = vlm.generate_batch(requests, max_new_tokens=NEW_TOKENS)
             tokens = [o.token_ids for o in outs]
             row[f"kl_{level}"] = round(kl(text_logits, logits), 4)
             row[f"ppl_{level}"] = round(text_perplexity(vlm, evaluation, tokens), 2)
             row[f"distinct_{level}"] = round(
-                sum(len(set(t)) / max(len(t), 1) for t in tokens) / len(tokens), 3)
+                sum(len(set(t)) / max(len(t), 1) for t in tokens) / len(tokens), 3
+            )
             row[f"example_{level}"] = outs[0].text[:50]
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
-        print(f"{name:11} {positions:4} {stacking:11} " + " | ".join(
-            f"{lv}: KL={row[f'kl_{lv}']:<7} ppl={row[f'ppl_{lv}']:<7} "
-            f"distinct={row[f'distinct_{lv}']:<5}" for lv in ("dataset", "sample"))
-            + f" | {row['example_sample']!r}", flush=True)
+        print(
+            f"{name:11} {positions:4} {stacking:11} "
+            + " | ".join(
+                f"{lv}: KL={row[f'kl_{lv}']:<7} ppl={row[f'ppl_{lv}']:<7} "
+                f"distinct={row[f'distinct_{lv}']:<5}"
+                for lv in ("dataset", "sample")
+            )
+            + f" | {row['example_sample']!r}",
+            flush=True,
+        )
     print(json.dumps({"benchmark": "choose_defaults", "alpha": 1.0, "rows": rows}))
 
 

@@ -47,17 +47,33 @@ def build(scale: str, device: str) -> GuardedVLM:
     v_hidden, v_layers, hidden, inter, layers, heads = SHAPES[scale]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(fixture_path("tiny"))
     image_size = 336 if scale == "full" else 56
-    vision = CLIPVisionConfig(hidden_size=v_hidden, intermediate_size=4 * v_hidden,
-                              num_hidden_layers=v_layers, projection_dim=768,
-                              num_attention_heads=max(2, v_hidden // 64),
-                              image_size=image_size, patch_size=14)
-    text = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32064,
-                       max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
+    vision = CLIPVisionConfig(
+        hidden_size=v_hidden,
+        intermediate_size=4 * v_hidden,
+        num_hidden_layers=v_layers,
+        projection_dim=768,
+        num_attention_heads=max(2, v_hidden // 64),
+        image_size=image_size,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     started = time.perf_counter()
     torch.set_default_dtype(dtype)
@@ -67,12 +83,21 @@ def build(scale: str, device: str) -> GuardedVLM:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     processor = LlavaProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                           crop_size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-        num_additional_image_tokens=1, chat_template=tokenizer.chat_template)
-    print(f"built {scale} model in {time.perf_counter() - started:.1f} s "
-          f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)", flush=True)
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=tokenizer.chat_template,
+    )
+    print(
+        f"built {scale} model in {time.perf_counter() - started:.1f} s "
+        f"({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters)",
+        flush=True,
+    )
     return GuardedVLM.from_model(model, processor, GuardConfig())
 
 
@@ -91,8 +116,17 @@ def main() -> None:
     rows = measure(vlm, label, args.tokens, args.batch, args.repeats)
     vision = [vision_share(vlm, label, batch, max(args.tokens), 1) for batch in args.batch]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(json.dumps({"benchmark": "gpu_llava7b", "device": name, "scale": args.scale,
-                      "rows": rows, "vision_share": vision}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "gpu_llava7b",
+                "device": name,
+                "scale": args.scale,
+                "rows": rows,
+                "vision_share": vision,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ def child(variant: str, store: str, batch: int) -> None:
     config = GuardConfig(trim_references=variant != "sample-untrimmed")
     vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")), config=config, store=store)
     mode = {"unguarded": "off", "dataset": "dataset"}.get(variant, "sample")
-    requests = [GuardRequest(anchor_prompts()[i], [synthetic_image(i)], mode=mode)
-                for i in range(batch)]
+    requests = [
+        GuardRequest(anchor_prompts()[i], [synthetic_image(i)], mode=mode) for i in range(batch)
+    ]
     before = reset_peak()
     vlm.generate_batch(requests, max_new_tokens=128, min_new_tokens=128)
     print(before, status_mib("VmHWM"))
@@ -55,19 +56,32 @@ def main() -> None:
             for variant in VARIANTS:
                 out = subprocess.run(
                     [sys.executable, __file__, "--child", variant, store, str(batch)],
-                    capture_output=True, text=True, check=True, env=CHILD_ENV).stdout
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env=CHILD_ENV,
+                ).stdout
                 before, peak = map(float, out.strip().splitlines()[-1].split())
                 runs[variant] = (peak, peak - before)
             base_peak, base_increment = runs["unguarded"]
             for variant, (peak, increment) in runs.items():
-                rows.append({"batch": batch, "variant": variant, "peak_mib": round(peak, 1),
-                             "peak_ratio": round(peak / base_peak, 3),
-                             "increment_mib": round(increment, 1),
-                             "increment_ratio": round(increment / base_increment, 3)})
+                rows.append(
+                    {
+                        "batch": batch,
+                        "variant": variant,
+                        "peak_mib": round(peak, 1),
+                        "peak_ratio": round(peak / base_peak, 3),
+                        "increment_mib": round(increment, 1),
+                        "increment_ratio": round(increment / base_increment, 3),
+                    }
+                )
                 r = rows[-1]
-                print(f"b={batch} {variant:16} peak {r['peak_mib']:8.1f} MiB "
-                      f"x{r['peak_ratio']:.3f}   call increment {r['increment_mib']:7.1f} MiB "
-                      f"x{r['increment_ratio']:.3f}", flush=True)
+                print(
+                    f"b={batch} {variant:16} peak {r['peak_mib']:8.1f} MiB "
+                    f"x{r['peak_ratio']:.3f}   call increment {r['increment_mib']:7.1f} MiB "
+                    f"x{r['increment_ratio']:.3f}",
+                    flush=True,
+                )
     print(json.dumps({"benchmark": "memory", "rows": rows}))
 
 

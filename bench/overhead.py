@@ -36,8 +36,14 @@ from guardrail import GuardConfig, GuardedVLM, GuardRequest
 from guardrail.images import corruption_image
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
-VARIANTS = ("unguarded", "dataset", "sample-3gen", "sample-3pass", "sample-untrimmed",
-            "sample-lockstep")
+VARIANTS = (
+    "unguarded",
+    "dataset",
+    "sample-3gen",
+    "sample-3pass",
+    "sample-untrimmed",
+    "sample-lockstep",
+)
 
 
 def _sync(vlm: GuardedVLM) -> None:
@@ -51,15 +57,23 @@ def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tok
     if variant == "sample-3gen":
         spec, size = vlm.config.corruption, vlm.backend.default_image_size()
         text = [GuardRequest(r.prompt) for r in requests]
-        blank = [GuardRequest(r.prompt, [corruption_image(spec, size) for _ in r.images],
-                              mode="off") for r in requests]
+        blank = [
+            GuardRequest(r.prompt, [corruption_image(spec, size) for _ in r.images], mode="off")
+            for r in requests
+        ]
         for references in (text, blank):
             vlm.generate_batch(references, max_new_tokens=tokens, min_new_tokens=tokens)
         requests = [GuardRequest(r.prompt, r.images, mode="dataset") for r in requests]
     elif variant == "sample-3pass":
-        requests = [GuardRequest(r.prompt, r.images, mode="dataset",
-                                 shift=vlm.compute_sample_shift(r.prompt, r.images))
-                    for r in requests]
+        requests = [
+            GuardRequest(
+                r.prompt,
+                r.images,
+                mode="dataset",
+                shift=vlm.compute_sample_shift(r.prompt, r.images),
+            )
+            for r in requests
+        ]
     elif variant == "sample-untrimmed":
         vlm = vlm.with_config(vlm.config.model_copy(update={"trim_references": False}))
         requests = [GuardRequest(r.prompt, r.images, mode="sample") for r in requests]
@@ -71,13 +85,20 @@ def run_variant(vlm: GuardedVLM, variant: str, requests: list[GuardRequest], tok
     return time.perf_counter() - started
 
 
-def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[int],
-            repeats: int, variants: tuple[str, ...] = VARIANTS) -> list[dict]:
+def measure(
+    vlm: GuardedVLM,
+    name: str,
+    tokens_list: list[int],
+    batches: list[int],
+    repeats: int,
+    variants: tuple[str, ...] = VARIANTS,
+) -> list[dict]:
     prompts = anchor_prompts()
     rows = []
     for batch in batches:
-        requests = [GuardRequest(prompts[i % len(prompts)], [synthetic_image(i)])
-                    for i in range(batch)]
+        requests = [
+            GuardRequest(prompts[i % len(prompts)], [synthetic_image(i)]) for i in range(batch)
+        ]
         for tokens in tokens_list:
             for variant in variants:  # warm-up
                 run_variant(vlm, variant, requests[:1], 2)
@@ -91,22 +112,33 @@ def measure(vlm: GuardedVLM, name: str, tokens_list: list[int], batches: list[in
                     if vlm.model.device.type == "cuda":
                         peaks[variant] = torch.cuda.max_memory_allocated() / 2**30
             for variant in variants:  # paired: each repeat against its own unguarded run
-                ratios = [t / base for t, base in zip(times[variant], times["unguarded"],
-                                                      strict=True)]
-                rows.append({
-                    "fixture": name, "batch": batch, "new_tokens": tokens, "variant": variant,
-                    "median_s": round(statistics.median(times[variant]), 4),
-                    "ratio": round(statistics.median(ratios), 3),
-                    "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
-                    "peak_gib": round(peaks[variant], 3) if peaks else None,
-                    "peak_ratio": round(peaks[variant] / peaks["unguarded"], 3) if peaks else None,
-                })
+                ratios = [
+                    t / base for t, base in zip(times[variant], times["unguarded"], strict=True)
+                ]
+                rows.append(
+                    {
+                        "fixture": name,
+                        "batch": batch,
+                        "new_tokens": tokens,
+                        "variant": variant,
+                        "median_s": round(statistics.median(times[variant]), 4),
+                        "ratio": round(statistics.median(ratios), 3),
+                        "ratio_min": round(min(ratios), 3),
+                        "ratio_max": round(max(ratios), 3),
+                        "peak_gib": round(peaks[variant], 3) if peaks else None,
+                        "peak_ratio": round(peaks[variant] / peaks["unguarded"], 3)
+                        if peaks
+                        else None,
+                    }
+                )
                 r = rows[-1]
-                print(f"{name:8} b={batch:<2} N={tokens:<4} {variant:16} "
-                      f"{r['median_s']:>8.3f}s  x{r['ratio']:.3f} "
-                      f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]"
-                      + (f"  peak {r['peak_gib']:.2f} GiB x{r['peak_ratio']:.3f}" if peaks else ""),
-                      flush=True)
+                print(
+                    f"{name:8} b={batch:<2} N={tokens:<4} {variant:16} "
+                    f"{r['median_s']:>8.3f}s  x{r['ratio']:.3f} "
+                    f"[{r['ratio_min']:.3f}-{r['ratio_max']:.3f}]"
+                    + (f"  peak {r['peak_gib']:.2f} GiB x{r['peak_ratio']:.3f}" if peaks else ""),
+                    flush=True,
+                )
     return rows
 
 
@@ -124,17 +156,32 @@ def main() -> None:
     args = parser.parse_args()
     if "unguarded" not in args.variants:
         parser.error("--variants must include unguarded (the baseline)")
-    targets = [(args.model, args.model)] if args.model else [
-        (name, str(fixture_path(name))) for name in args.fixtures]
+    targets = (
+        [(args.model, args.model)]
+        if args.model
+        else [(name, str(fixture_path(name))) for name in args.fixtures]
+    )
     rows = []
     for name, path in targets:
-        vlm = GuardedVLM.from_pretrained(path, config=GuardConfig(), device=args.device,
-                                         dtype=getattr(torch, args.dtype) if args.dtype else None)
+        vlm = GuardedVLM.from_pretrained(
+            path,
+            config=GuardConfig(),
+            device=args.device,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+        )
         vlm.compute_dataset_shift(anchor_prompts()[:8], batch_size=8, progress=False)
         rows += measure(vlm, name, args.tokens, args.batch, args.repeats, tuple(args.variants))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(json.dumps({"benchmark": "overhead", "device": device,
-                      "threads": torch.get_num_threads(), "rows": rows}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "overhead",
+                "device": device,
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

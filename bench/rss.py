@@ -7,8 +7,9 @@ from pathlib import Path
 
 def status_mib(field: str) -> float:
     """A memory field of /proc/self/status (VmRSS, VmHWM...) in MiB."""
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines()
-                if x.startswith(field + ":"))
+    line = next(
+        x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":")
+    )
     return int(line.split()[1]) / 1024
 
 

@@ -28,8 +28,14 @@ class ModuleTimer:
 
     def __init__(self, modules: list[nn.Module]) -> None:
         self.seconds, self._started = 0.0, 0.0
-        self._handles = [h for m in modules for h in (m.register_forward_pre_hook(self._enter),
-                                                      m.register_forward_hook(self._leave))]
+        self._handles = [
+            h
+            for m in modules
+            for h in (
+                m.register_forward_pre_hook(self._enter),
+                m.register_forward_hook(self._leave),
+            )
+        ]
 
     def _sync(self, module: nn.Module) -> None:
         parameter = next(module.parameters(), None)
@@ -57,8 +63,10 @@ def vision_modules(vlm: GuardedVLM) -> list[nn.Module]:
 
 def vision_share(vlm: GuardedVLM, name: str, batch: int, tokens: int, repeats: int) -> dict:
     prompts = anchor_prompts()
-    requests = [GuardRequest(prompts[i % len(prompts)], [synthetic_image(i)], mode="sample")
-                for i in range(batch)]
+    requests = [
+        GuardRequest(prompts[i % len(prompts)], [synthetic_image(i)], mode="sample")
+        for i in range(batch)
+    ]
     vlm.generate_batch(requests[:1], max_new_tokens=2)  # warm-up
     shares, calls = [], []
     for _ in range(repeats):
@@ -71,11 +79,18 @@ def vision_share(vlm: GuardedVLM, name: str, batch: int, tokens: int, repeats: i
         call = time.perf_counter() - started
         calls.append(call)
         shares.append(timer.seconds / 2 / call)
-    row = {"fixture": name, "batch": batch, "new_tokens": tokens,
-           "call_s": round(statistics.median(calls), 4),
-           "cacheable_share": round(statistics.median(shares), 5)}
-    print(f"{name:14} b={batch:<2} N={tokens:<4} call {row['call_s']:8.3f}s  "
-          f"corruption-image vision share {100 * row['cacheable_share']:.2f}%", flush=True)
+    row = {
+        "fixture": name,
+        "batch": batch,
+        "new_tokens": tokens,
+        "call_s": round(statistics.median(calls), 4),
+        "cacheable_share": round(statistics.median(shares), 5),
+    }
+    print(
+        f"{name:14} b={batch:<2} N={tokens:<4} call {row['call_s']:8.3f}s  "
+        f"corruption-image vision share {100 * row['cacheable_share']:.2f}%",
+        flush=True,
+    )
     return row
 
 
@@ -90,10 +105,12 @@ def main() -> None:
     rows = []
     for name in args.fixtures:
         vlm = GuardedVLM.from_pretrained(str(fixture_path(name)))
-        rows += [vision_share(vlm, name, b, n, args.repeats)
-                 for b in args.batch for n in args.tokens]
-    print(json.dumps({"benchmark": "vision_share", "threads": torch.get_num_threads(),
-                      "rows": rows}))
+        rows += [
+            vision_share(vlm, name, b, n, args.repeats) for b in args.batch for n in args.tokens
+        ]
+    print(
+        json.dumps({"benchmark": "vision_share", "threads": torch.get_num_threads(), "rows": rows})
+    )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from guardrail import GuardConfig, GuardedVLM
 from guardrail.testing import fixture_path, synthetic_image
 from shift_store import open_store
 
-vlm = GuardedVLM.from_pretrained(str(fixture_path("smollm")), config=GuardConfig(alpha=1.0),
-                                 store=open_store(None))  # embedded store in the user cache
+vlm = GuardedVLM.from_pretrained(
+    str(fixture_path("smollm")), config=GuardConfig(alpha=1.0), store=open_store(None)
+)  # embedded store in the user cache
 image = synthetic_image(0)
 for mode in ("off", "dataset", "sample"):
     out = vlm.generate("What is in this picture?", [image], mode=mode, max_new_tokens=24)

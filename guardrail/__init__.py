@@ -4,7 +4,8 @@ from guardrail.version import __version__  # noqa: I001  (first: other modules r
 from guardrail.backends import Backend, TransformersBackend
 from guardrail.config import CorruptionSpec, GuardConfig
 from guardrail.decision import GuardDecision
-from guardrail.engine import GuardedOutput, GuardedVLM, Usage
+from guardrail.engine import GuardedVLM
+from guardrail.outputs import GuardedOutput, Usage
 from guardrail.errors import (
     DecoderNotFoundError,
     GuardrailError,

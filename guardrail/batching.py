@@ -39,8 +39,13 @@ class PreparedBatch:
         return {row: float(norms[j]) for j, row in enumerate(self.sample_rows)}
 
 
-def prepare_batch(backend: Backend, config: GuardConfig, layers: Sequence[int],
-                  renderings: Sequence[Rendering], plans: Sequence[RowPlan]) -> PreparedBatch:
+def prepare_batch(
+    backend: Backend,
+    config: GuardConfig,
+    layers: Sequence[int],
+    renderings: Sequence[Rendering],
+    plans: Sequence[RowPlan],
+) -> PreparedBatch:
     """Add the reference rows that sample-level rows need, encode, and plan the correction."""
     sample_rows = [i for i, plan in enumerate(plans) if plan.mode == "sample"]
     size = backend.default_image_size()
@@ -52,8 +57,7 @@ def prepare_batch(backend: Backend, config: GuardConfig, layers: Sequence[int],
     return PreparedBatch(list(plans), inputs, correction, sample_rows)
 
 
-def stacked_shifts(vectors: torch.Tensor, layers: Sequence[int],
-                   incremental: bool) -> torch.Tensor:
+def stacked_shifts(vectors: torch.Tensor, layers: Sequence[int], incremental: bool) -> torch.Tensor:
     """Vectors of the edited ``layers``, as increments over the previous edited layer when
     ``incremental`` (per-layer shifts are cumulative along the residual stream)."""
     picked = vectors[list(layers)]
@@ -74,9 +78,14 @@ def prefill_mask(config: GuardConfig, inputs: Inputs, image_token_id: int) -> to
     return last
 
 
-def correction_plan(backend: Backend, config: GuardConfig, layers: Sequence[int],
-                    plans: list[RowPlan], sample_rows: list[int],
-                    inputs: Inputs) -> CorrectionPlan | None:
+def correction_plan(
+    backend: Backend,
+    config: GuardConfig,
+    layers: Sequence[int],
+    plans: list[RowPlan],
+    sample_rows: list[int],
+    inputs: Inputs,
+) -> CorrectionPlan | None:
     """Per-row ``α·Δ`` at the edited ``layers``; None when no row is guarded."""
     if not any(plan.guarded for plan in plans):
         return None
@@ -89,8 +98,9 @@ def correction_plan(backend: Backend, config: GuardConfig, layers: Sequence[int]
             continue
         prompt[:, i] = plan.alpha * stacked_shifts(plan.shift.vectors, layers, incremental)
         if plan.shift.decode_vectors is not None:
-            decode[:, i] = plan.alpha * stacked_shifts(plan.shift.decode_vectors, layers,
-                                                       incremental)
+            decode[:, i] = plan.alpha * stacked_shifts(
+                plan.shift.decode_vectors, layers, incremental
+            )
     device, dtype = backend.device, backend.dtype
     lockstep = trim = None
     if sample_rows:
@@ -99,14 +109,18 @@ def correction_plan(backend: Backend, config: GuardConfig, layers: Sequence[int]
             main=torch.tensor(sample_rows, device=device),
             corrupted=torch.arange(n, n + count, device=device),
             text=torch.arange(n + count, n + 2 * count, device=device),
-            alpha=torch.tensor([[plans[i].alpha] for i in sample_rows], device=device,
-                               dtype=dtype),
+            alpha=torch.tensor([[plans[i].alpha] for i in sample_rows], device=device, dtype=dtype),
         )
         if config.trim_references:
-            trim = RowTrim(after=layers[-1], keep=n, total=total,
-                           arguments=backend.family.trim_arguments)
+            trim = RowTrim(
+                after=layers[-1], keep=n, total=total, arguments=backend.family.trim_arguments
+            )
     return CorrectionPlan(
-        layers, prompt.to(device, dtype), decode.to(device, dtype),
-        prefill_mask(config, inputs, backend.image_token_id), lockstep,
-        incremental=incremental, trim=trim,
+        layers,
+        prompt.to(device, dtype),
+        decode.to(device, dtype),
+        prefill_mask(config, inputs, backend.image_token_id),
+        lockstep,
+        incremental=incremental,
+        trim=trim,
     )

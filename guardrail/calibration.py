@@ -31,8 +31,9 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 
 @torch.no_grad()
-def capture_states(backend: Backend, renderings: Sequence[Rendering],
-                   continuation: torch.Tensor | None = None) -> torch.Tensor:
+def capture_states(
+    backend: Backend, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+) -> torch.Tensor:
     """Every layer's hidden states at the last prompt token, and at each token of
     ``continuation`` (``[batch, k]`` ids appended to every prompt):
     ``[num_layers, batch, 1 + k, hidden]`` float32."""
@@ -43,25 +44,36 @@ def capture_states(backend: Backend, renderings: Sequence[Rendering],
     return plan.stacked(layers)
 
 
-def reference_shifts(backend: Backend, corruption: CorruptionSpec,
-                     renderings: Sequence[Rendering], continuation: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_shifts(
+    backend: Backend,
+    corruption: CorruptionSpec,
+    renderings: Sequence[Rendering],
+    continuation: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``h(x, img') − h(x)`` per layer, row and position (see :func:`capture_states`), and the
     text-only states ``h(x)`` themselves."""
     size = backend.default_image_size()
     with_corruption = capture_states(
-        backend, [corrupted(r, corruption, size) for r in renderings], continuation)
+        backend, [corrupted(r, corruption, size) for r in renderings], continuation
+    )
     text = capture_states(backend, [text_only(r) for r in renderings], continuation)
     return with_corruption - text, text
 
 
-def text_only_continuation(backend: Backend, renderings: Sequence[Rendering],
-                           tokens: int) -> torch.Tensor:
+def text_only_continuation(
+    backend: Backend, renderings: Sequence[Rendering], tokens: int
+) -> torch.Tensor:
     """The model's own greedy text-only answer, exactly ``tokens`` long: ``[batch, tokens]``."""
     inputs = backend.encode([text_only(r) for r in renderings])
-    output = backend.generate(inputs, None, request_rows=len(renderings), max_new_tokens=tokens,
-                              min_new_tokens=tokens, do_sample=False)
-    return output[:, inputs["input_ids"].shape[1]:].cpu()
+    output = backend.generate(
+        inputs,
+        None,
+        request_rows=len(renderings),
+        max_new_tokens=tokens,
+        min_new_tokens=tokens,
+        do_sample=False,
+    )
+    return output[:, inputs["input_ids"].shape[1] :].cpu()
 
 
 @dataclass
@@ -76,10 +88,16 @@ class CalibrationSums:
     text_sample: list[torch.Tensor]
 
 
-def dataset_shift_sums(backend: Backend, corruption: CorruptionSpec,
-                       samples: Iterable[str | GuardRequest], *,
-                       batch_size: int, decode_tokens: int, progress: bool,
-                       keep_states: int = 1024) -> CalibrationSums:
+def dataset_shift_sums(
+    backend: Backend,
+    corruption: CorruptionSpec,
+    samples: Iterable[str | GuardRequest],
+    *,
+    batch_size: int,
+    decode_tokens: int,
+    progress: bool,
+    keep_states: int = 1024,
+) -> CalibrationSums:
     """Sums of the prompt-token and generated-token shifts over ``samples``.
 
     Streams in batches: memory is flat in the number of samples (running sums, plus a reservoir
@@ -93,7 +111,8 @@ def dataset_shift_sums(backend: Backend, corruption: CorruptionSpec,
         decode=torch.zeros(shape, dtype=torch.float64) if decode_tokens else None,
         text_sum=torch.zeros(backend.hidden_size, dtype=torch.float64),
         text_square_sum=torch.zeros(backend.hidden_size, dtype=torch.float64),
-        count=0, text_sample=[],
+        count=0,
+        text_sample=[],
     )
     reservoir_rng = random.Random(0)
     size = len(samples) if isinstance(samples, Sequence) else None
@@ -101,8 +120,11 @@ def dataset_shift_sums(backend: Backend, corruption: CorruptionSpec,
         for chunk in batched(samples, batch_size):
             requests = [GuardRequest(s) if isinstance(s, str) else s for s in chunk]
             renderings = [render_request(r) for r in requests]
-            continuation = (text_only_continuation(backend, renderings, decode_tokens)
-                            if decode_tokens else None)
+            continuation = (
+                text_only_continuation(backend, renderings, decode_tokens)
+                if decode_tokens
+                else None
+            )
             deltas, text = reference_shifts(backend, corruption, renderings, continuation)
             deltas = deltas.double().cpu()
             sums.prompt += deltas[:, :, 0].sum(dim=1)
@@ -123,39 +145,64 @@ def dataset_shift_sums(backend: Backend, corruption: CorruptionSpec,
     return sums
 
 
-def compute_dataset_shift(backend: Backend, corruption: CorruptionSpec,
-                          samples: Iterable[str | GuardRequest], *, batch_size: int = 8,
-                          anchor_name: str | None = None, decode_tokens: int = 8,
-                          progress: bool = True) -> ShiftVector:
+def compute_dataset_shift(
+    backend: Backend,
+    corruption: CorruptionSpec,
+    samples: Iterable[str | GuardRequest],
+    *,
+    batch_size: int = 8,
+    anchor_name: str | None = None,
+    decode_tokens: int = 8,
+    progress: bool = True,
+) -> ShiftVector:
     """Average ``Δ = h(x, img') − h(x)`` over an anchor data set, streaming in batches.
 
     ``vectors`` is measured at the last prompt token; ``decode_vectors`` over the first
     ``decode_tokens`` tokens of the model's own text-only answer (0 skips them, and decode
     steps are then not corrected). Anchor statistics for the trust policy come with it.
     """
-    sums = dataset_shift_sums(backend, corruption, samples, batch_size=batch_size,
-                              decode_tokens=decode_tokens, progress=progress)
+    sums = dataset_shift_sums(
+        backend,
+        corruption,
+        samples,
+        batch_size=batch_size,
+        decode_tokens=decode_tokens,
+        progress=progress,
+    )
     n = sums.count
     mean = sums.text_sum / n
     std = (sums.text_square_sum / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)
     mean, std = mean.float(), std.float()
     meta = ShiftMeta(
-        model=backend.fingerprint, level="dataset", corruption=corruption.tag,
-        position=MEASURED_POSITION, anchor_name=anchor_name, anchor_size=n,
+        model=backend.fingerprint,
+        level="dataset",
+        corruption=corruption.tag,
+        position=MEASURED_POSITION,
+        anchor_name=anchor_name,
+        anchor_size=n,
         library_version=__version__,
         anchor_distance_threshold=calibrate_threshold(mean, std, sums.text_sample),
     )
     return ShiftVector(
-        vectors=(sums.prompt / n).float(), meta=meta, anchor_mean=mean, anchor_std=std,
+        vectors=(sums.prompt / n).float(),
+        meta=meta,
+        anchor_mean=mean,
+        anchor_std=std,
         decode_vectors=None if sums.decode is None else (sums.decode / n).float(),
     )
 
 
-def compute_sample_shift(backend: Backend, corruption: CorruptionSpec,
-                         rendering: Rendering) -> ShiftVector:
+def compute_sample_shift(
+    backend: Backend, corruption: CorruptionSpec, rendering: Rendering
+) -> ShiftVector:
     """``Δ`` at the last prompt token of one input (two prefill-only passes)."""
     delta = reference_shifts(backend, corruption, [rendering])[0][:, 0, 0].cpu()
-    meta = ShiftMeta(model=backend.fingerprint, level="sample", anchor_size=1,
-                     corruption=corruption.tag, position=MEASURED_POSITION,
-                     library_version=__version__)
+    meta = ShiftMeta(
+        model=backend.fingerprint,
+        level="sample",
+        anchor_size=1,
+        corruption=corruption.tag,
+        position=MEASURED_POSITION,
+        library_version=__version__,
+    )
     return ShiftVector(vectors=delta.float().contiguous(), meta=meta)

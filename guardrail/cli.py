@@ -45,21 +45,28 @@ def demo(args: argparse.Namespace) -> int:
     if shift is None:
         raise GuardrailError(f"no dataset-level shift: {lookup.note}")
     norms = ", ".join(f"{n:.0f}" for n in shift.norms.tolist())
-    print(f"dataset-level shift ({shift.meta.anchor_name}, {shift.meta.anchor_size} anchors) "
-          f"from {store!r}; per-layer norms:\n  {norms}")
-    print(f"edited layer(s): {vlm.layer_indices(vlm.config)}, positions: "
-          f"{vlm.config.positions}, alpha: {vlm.config.alpha}\n")
+    print(
+        f"dataset-level shift ({shift.meta.anchor_name}, {shift.meta.anchor_size} anchors) "
+        f"from {store!r}; per-layer norms:\n  {norms}"
+    )
+    print(
+        f"edited layer(s): {list(vlm.layers)}, positions: "
+        f"{vlm.config.positions}, alpha: {vlm.config.alpha}\n"
+    )
 
     questions = anchor_prompts()[: args.prompts]
     images = [synthetic_image(i) for i in range(len(questions))]
     text_logits, _ = vlm.next_token_logits([GuardRequest(q) for q in questions])
     for mode in ("off", "dataset", "sample"):
-        requests = [GuardRequest(q, [img], mode=mode) for q, img in zip(questions, images,
-                                                                        strict=True)]
+        requests = [
+            GuardRequest(q, [img], mode=mode) for q, img in zip(questions, images, strict=True)
+        ]
         logits, _ = vlm.next_token_logits(requests)
         outputs = vlm.generate_batch(requests, max_new_tokens=args.max_new_tokens)
-        print(f"=== mode={mode}: mean KL(next token | text-only || this) = "
-              f"{float(_kl(text_logits, logits).mean()):.3f}")
+        print(
+            f"=== mode={mode}: mean KL(next token | text-only || this) = "
+            f"{float(_kl(text_logits, logits).mean()):.3f}"
+        )
         for question, out in zip(questions, outputs, strict=True):
             print(f"Q: {question}\nA: {out.text}")
             print(f"   decision: {out.decision.model_dump_json(include=_SHOWN)}")
@@ -78,9 +85,11 @@ def demo(args: argparse.Namespace) -> int:
     finally:
         for sample in samples:
             sample.image.unlink(missing_ok=True)
-    print(f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.1f}, "
-          f"corrected {rep.distance_corrected:.1f}; cluster separation: "
-          f"{rep.separation_multimodal:.2f} -> {rep.separation_corrected:.2f}")
+    print(
+        f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.1f}, "
+        f"corrected {rep.distance_corrected:.1f}; cluster separation: "
+        f"{rep.separation_multimodal:.2f} -> {rep.separation_corrected:.2f}"
+    )
     from guardrail.evaluation.plots import plot_pca
 
     print(f"wrote {plot_pca(rep, args.plot, 'SmolLM2 fixture (untrained vision tower)')}\n")
@@ -88,39 +97,58 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
-_SHOWN = {"mode_used", "guarded", "alpha", "layers", "shift_level", "shift_norm",
-          "added_latency_ms", "fallbacks"}
+_SHOWN = {
+    "mode_used",
+    "guarded",
+    "alpha",
+    "layers",
+    "shift_level",
+    "shift_norm",
+    "added_latency_ms",
+    "fallbacks",
+}
 
 
-def _requests(path: str, data_format: str, images: str | None, mapping: str | None,
-              skip_bad: bool, report: DataReport) -> list[EvalSample]:
-    samples = list(read_samples(path, data_format, images=images, mapping=mapping,
-                                skip_bad=skip_bad, report=report))
+def _requests(
+    path: str,
+    data_format: str,
+    images: str | None,
+    mapping: str | None,
+    skip_bad: bool,
+    report: DataReport,
+) -> list[EvalSample]:
+    samples = list(
+        read_samples(
+            path, data_format, images=images, mapping=mapping, skip_bad=skip_bad, report=report
+        )
+    )
     if report.skipped:
-        print(f"skipped {report.skipped} bad row(s); first: {report.reasons[0]}",
-              file=sys.stderr)
+        print(f"skipped {report.skipped} bad row(s); first: {report.reasons[0]}", file=sys.stderr)
     return samples
 
 
 def calibrate(args: argparse.Namespace) -> int:
     """Compute the dataset-level shift of a model on an anchor file and store it."""
     report = DataReport()
-    samples = _requests(args.anchor, args.format, args.images, args.mapping, args.skip_bad,
-                        report)
+    samples = _requests(args.anchor, args.format, args.images, args.mapping, args.skip_bad, report)
     config = GuardConfig(corruption={"kind": args.corruption, "seed": args.seed})
-    vlm = GuardedVLM.from_pretrained(args.model, config=config, device=args.device,
-                                     dtype=args.dtype)
+    vlm = GuardedVLM.from_pretrained(
+        args.model, config=config, device=args.device, dtype=args.dtype
+    )
     store = open_store(args.store, namespace=args.app)
     name = args.anchor_name or Path(args.anchor).stem
     requests = [GuardRequest(s.prompt, [s.image] if s.image else []) for s in samples]
     started = time.perf_counter()
-    shift = vlm.compute_dataset_shift(requests, batch_size=args.batch_size, anchor_name=name,
-                                      activate=False)
+    shift = vlm.compute_dataset_shift(
+        requests, batch_size=args.batch_size, anchor_name=name, activate=False
+    )
     key = ShiftKey.for_meta(shift.meta)
     version = store.put(key, shift)  # only a complete vector is ever written
     norms = " ".join(f"{n:.1f}" for n in shift.norms.tolist())
-    print(f"model {vlm.fingerprint.name_or_path} ({vlm.fingerprint.id}); {shift.meta.anchor_size} "
-          f"anchors ({report.skipped} skipped) in {time.perf_counter() - started:.1f} s")
+    print(
+        f"model {vlm.fingerprint.name_or_path} ({vlm.fingerprint.id}); {shift.meta.anchor_size} "
+        f"anchors ({report.skipped} skipped) in {time.perf_counter() - started:.1f} s"
+    )
     print(f"stored under {key.name} in {store!r}, version {version[:12]}")
     print(f"per-layer |shift|: {norms}")
     print(f"anchor-distance threshold: {shift.meta.anchor_distance_threshold:.3f}")
@@ -133,18 +161,26 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from guardrail.evaluation.judges import make_judge
 
     report = DataReport()
-    samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad,
-                        report)
+    samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad, report)
     vlm = GuardedVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     modes = args.modes.split(",")
     if "dataset" in modes:
-        lookup = vlm.use_store(open_store(args.store, namespace=args.app),
-                               anchor_name=args.anchor_name or BUNDLED_ANCHORS)
+        lookup = vlm.use_store(
+            open_store(args.store, namespace=args.app),
+            anchor_name=args.anchor_name or BUNDLED_ANCHORS,
+        )
         if lookup.vector is None:
             raise GuardrailError(f"no dataset-level shift: {lookup.note}; run guardrail calibrate")
     judge = make_judge(args.judge, cache_dir=args.judge_cache)
-    results, rep = evaluate(vlm, samples, judge, modes=modes, alphas=args.alpha,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    results, rep = evaluate(
+        vlm,
+        samples,
+        judge,
+        modes=modes,
+        alphas=args.alpha,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
     print(table(results, rep))
     print(f"judge: {judge.name}; {len(samples)} samples, {report.skipped} skipped")
     if args.json:
@@ -172,8 +208,9 @@ def chat(args: argparse.Namespace) -> int:
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--format", default="jsonl",
-                   choices=["jsonl", "vlsafe", "jailbreakllms", "llava-bench"])
+    p.add_argument(
+        "--format", default="jsonl", choices=["jsonl", "vlsafe", "jailbreakllms", "llava-bench"]
+    )
     p.add_argument("--images", help="folder the image names are relative to")
     p.add_argument("--mapping", help="JSON {q_id: image file} for the JailbreakLLMs CSV")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows")

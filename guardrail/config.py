@@ -6,9 +6,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from guardrail.errors import InvalidInputError
+
 Mode = Literal["auto", "dataset", "sample", "off"]
 Positions = Literal["all", "text", "last"]
 Stacking = Literal["incremental", "independent"]
+# Default edited layer: 5/6 of the depth (docs/defaults.md has the measurement behind it).
+DEFAULT_DEPTH = (5, 6)
 
 
 class CorruptionSpec(BaseModel):
@@ -57,3 +61,13 @@ class GuardConfig(BaseModel):
     mode: Mode = "auto"
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
     trim_references: bool = True
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        """The configured layers of a ``num_layers`` decoder, as sorted non-negative indices."""
+        n = num_layers
+        if self.layers is None:
+            return (DEFAULT_DEPTH[0] * n // DEFAULT_DEPTH[1],)
+        indices = sorted({i % n for i in self.layers if -n <= i < n})
+        if len(indices) != len(set(self.layers)) or not indices:
+            raise InvalidInputError(f"layers {list(self.layers)} out of range for {n} layers")
+        return tuple(indices)

@@ -7,13 +7,10 @@ the backend runs it, and the decision record is built from the plan and the outc
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import BaseModel
 
 from guardrail import calibration
 from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
@@ -21,36 +18,16 @@ from guardrail.backends import Backend, Inputs, TransformersBackend
 from guardrail.backends.hooks import CapturePlan, ChainedPlan
 from guardrail.batching import PreparedBatch, prepare_batch
 from guardrail.config import GuardConfig, Mode
-from guardrail.decision import GuardDecision, log_decision
+from guardrail.decision import GuardDecision, log_decision, refusal_record
 from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidInputError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
+from guardrail.outputs import GuardedOutput, answers
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row
 from guardrail.requests import GuardRequest, Rendering, render_request, text_only
 from guardrail.shifts import DatasetShifts, ShiftRequirements
 from guardrail.trust import AnchorStats
 from shift_store import Lookup, ModelFingerprint, ShiftStore, ShiftVector, open_store
-
-# Default edited layer: 5/6 of the depth (docs/defaults.md has the measurement behind it).
-DEFAULT_DEPTH = (5, 6)
-
-
-class Usage(BaseModel):
-    """Token counts of one request."""
-
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-@dataclass(frozen=True)
-class GuardedOutput:
-    """The answer to one request, with the guard's decision record."""
-
-    text: str
-    token_ids: list[int]
-    decision: GuardDecision
-    usage: Usage
 
 
 class GuardedVLM:
@@ -61,36 +38,57 @@ class GuardedVLM:
     another config (:meth:`with_config`) share the backend.
     """
 
-    def __init__(self, backend: Backend, config: GuardConfig | None = None,
-                 shifts: DatasetShifts | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        config: GuardConfig | None = None,
+        shifts: DatasetShifts | None = None,
+    ) -> None:
         self.backend = backend
         self.config = config or GuardConfig()
-        self.layers = self.layer_indices(self.config)  # validates the configured layers
+        self.layers = self.config.layer_indices(backend.num_layers)  # validates them
         requirements = ShiftRequirements(backend.fingerprint, self.config.corruption.tag)
         self.shifts = (shifts or DatasetShifts(requirements)).for_requirements(requirements)
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, config: GuardConfig | None = None, *,
-                        family: ModelFamily | str | None = None,
-                        device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, revision: str | None = None,
-                        store: ShiftStore | str | None = None,
-                        **model_kwargs: Any) -> GuardedVLM:
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        config: GuardConfig | None = None,
+        *,
+        family: ModelFamily | str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        store: ShiftStore | str | None = None,
+        **model_kwargs: Any,
+    ) -> GuardedVLM:
         """Load a hub name or local folder through transformers (``family`` overrides the
         model family found from its config). With ``store`` (a store or a URL for
         :func:`shift_store.open_store`), the dataset-level shift is looked up there and, on a
         miss, computed from the bundled anchors; see :meth:`use_store` for other anchors."""
         backend = TransformersBackend.from_pretrained(
-            name_or_path, family=family, device=device, dtype=dtype, revision=revision,
-            **model_kwargs)
+            name_or_path,
+            family=family,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            **model_kwargs,
+        )
         vlm = cls(backend, config)
         if store is not None:
             vlm.use_store(store)
         return vlm
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any, config: GuardConfig | None = None, *,
-                   family: ModelFamily | str | None = None) -> GuardedVLM:
+    def from_model(
+        cls,
+        model: Any,
+        processor: Any,
+        config: GuardConfig | None = None,
+        *,
+        family: ModelFamily | str | None = None,
+    ) -> GuardedVLM:
         """Guard an already loaded transformers model and its processor."""
         return cls(TransformersBackend(model, processor, family), config)
 
@@ -137,10 +135,17 @@ class GuardedVLM:
         """The dataset-level shift in use now, if any."""
         return self.shifts.current().vector
 
-    def use_store(self, store: ShiftStore | str | None, *, anchor_name: str = BUNDLED_ANCHORS,
-                  anchors: Iterable[str | GuardRequest] | None = None,
-                  compute_on_miss: bool = True, batch_size: int = 8,
-                  lock_timeout_s: float = 0.0, revalidate_s: float = 1.0) -> Lookup:
+    def use_store(
+        self,
+        store: ShiftStore | str | None,
+        *,
+        anchor_name: str = BUNDLED_ANCHORS,
+        anchors: Iterable[str | GuardRequest] | None = None,
+        compute_on_miss: bool = True,
+        batch_size: int = 8,
+        lock_timeout_s: float = 0.0,
+        revalidate_s: float = 1.0,
+    ) -> Lookup:
         """Take the dataset-level shift from ``store`` from now on (cached in process).
 
         The key is everything the shift depends on (see :class:`ShiftRequirements`) plus
@@ -149,20 +154,20 @@ class GuardedVLM:
         others wait ``lock_timeout_s`` and then run at sample level until it appears. Returns
         the lookup (its ``note`` says what failed).
         """
-        if store is None or isinstance(store, str):
-            store = open_store(store)
-        self.shifts = DatasetShifts.from_store(self.shifts.requirements, store, anchor_name,
-                                               revalidate_s)
-        source = self.shifts.source
-        assert source is not None
+        store = open_store(store) if store is None or isinstance(store, str) else store
+        self.shifts = DatasetShifts.from_store(
+            self.shifts.requirements, store, anchor_name, revalidate_s
+        )
         if anchors is None and anchor_name == BUNDLED_ANCHORS:
             anchors = bundled_anchor_prompts()
-        if not compute_on_miss or anchors is None:
-            return self.shifts.current()
-        samples = anchors
-        source.ensure(lambda: self.compute_dataset_shift(
-            samples, batch_size=batch_size, anchor_name=anchor_name, activate=False),
-            lock_timeout_s=lock_timeout_s)
+        if compute_on_miss and anchors is not None:
+            samples = anchors
+            self.shifts.ensure(
+                lambda: self.compute_dataset_shift(
+                    samples, batch_size=batch_size, anchor_name=anchor_name, activate=False
+                ),
+                lock_timeout_s,
+            )
         return self.shifts.current()
 
     def check_shift(self, shift: ShiftVector) -> None:
@@ -177,22 +182,35 @@ class GuardedVLM:
             self.check_shift(shift)
         self.shifts = DatasetShifts(self.shifts.requirements, fixed=shift)
 
-    def compute_dataset_shift(self, samples: Iterable[str | GuardRequest], *,
-                              batch_size: int = 8, anchor_name: str | None = None,
-                              decode_tokens: int = 8, progress: bool = True,
-                              activate: bool = True) -> ShiftVector:
+    def compute_dataset_shift(
+        self,
+        samples: Iterable[str | GuardRequest],
+        *,
+        batch_size: int = 8,
+        anchor_name: str | None = None,
+        decode_tokens: int = 8,
+        progress: bool = True,
+        activate: bool = True,
+    ) -> ShiftVector:
         """Average ``Δ`` over an anchor set (see
         :func:`guardrail.calibration.compute_dataset_shift`); with ``activate`` the result
         becomes this model's dataset-level shift."""
         shift = calibration.compute_dataset_shift(
-            self.backend, self.config.corruption, samples, batch_size=batch_size,
-            anchor_name=anchor_name, decode_tokens=decode_tokens, progress=progress)
+            self.backend,
+            self.config.corruption,
+            samples,
+            batch_size=batch_size,
+            anchor_name=anchor_name,
+            decode_tokens=decode_tokens,
+            progress=progress,
+        )
         if activate:
             self.set_dataset_shift(shift)
         return shift
 
-    def compute_sample_shift(self, prompt: str | Sequence[dict[str, Any]],
-                             images: Sequence[ImageInput] = ()) -> ShiftVector:
+    def compute_sample_shift(
+        self, prompt: str | Sequence[dict[str, Any]], images: Sequence[ImageInput] = ()
+    ) -> ShiftVector:
         """``Δ`` at the last prompt token of this very input. Generation does not need this:
         sample-level rows measure their shift inside the generation pass, at every token."""
         rendering = render_request(GuardRequest(prompt, images))
@@ -200,11 +218,7 @@ class GuardedVLM:
 
     def anchor_stats(self) -> AnchorStats | None:
         """Anchor statistics of the dataset-level shift in use (for the trust policy)."""
-        shift = self.dataset_shift
-        if shift is None or shift.anchor_mean is None or shift.anchor_std is None:
-            return None
-        return AnchorStats(shift.anchor_mean, shift.anchor_std,
-                           shift.meta.anchor_distance_threshold or float("inf"))
+        return AnchorStats.of(self.dataset_shift)
 
     def text_state(self, request: GuardRequest) -> torch.Tensor:
         """Final-layer text-only state of the request's last prompt token (one prefill)."""
@@ -213,42 +227,44 @@ class GuardedVLM:
 
     # ----------------------------------------------------------------- generation
 
-    def layer_indices(self, config: GuardConfig) -> tuple[int, ...]:
-        """The configured layers as sorted non-negative indices."""
-        n = self.backend.num_layers
-        if config.layers is None:
-            return (DEFAULT_DEPTH[0] * n // DEFAULT_DEPTH[1],)
-        indices = sorted({i % n for i in config.layers if -n <= i < n})
-        if len(indices) != len(set(config.layers)) or not indices:
-            raise InvalidInputError(
-                f"layers {list(config.layers)} out of range for {n} decoder layers")
-        return tuple(indices)
-
     def encode(self, renderings: Sequence[Rendering]) -> Inputs:
         """The backend's model inputs for ``renderings`` (left-padded)."""
         return self.backend.encode(renderings)
 
-    def generate(self, prompt: str | Sequence[dict[str, Any]], images: Sequence[ImageInput] = (),
-                 *, alpha: float | None = None, mode: Mode | None = None,
-                 shift: ShiftVector | None = None, **generation: Any) -> GuardedOutput:
+    def generate(
+        self,
+        prompt: str | Sequence[dict[str, Any]],
+        images: Sequence[ImageInput] = (),
+        *,
+        alpha: float | None = None,
+        mode: Mode | None = None,
+        shift: ShiftVector | None = None,
+        **generation: Any,
+    ) -> GuardedOutput:
         """Generate one guarded answer. ``generation`` goes to ``model.generate``."""
         request = GuardRequest(prompt, images, alpha=alpha, mode=mode, shift=shift)
         return self.generate_batch([request], **generation)[0]
 
-    def generate_batch(self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128,
-                       **generation: Any) -> list[GuardedOutput]:
+    def generate_batch(
+        self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128, **generation: Any
+    ) -> list[GuardedOutput]:
         """Generate for several requests in one batched pass, each with its own correction."""
         if not requests:
             return []
         batch, prepared_ms = self._prepare(requests)
         generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens}
-        output = self.backend.generate(batch.inputs, batch.correction,
-                                       request_rows=batch.request_rows, **generation)
+        output = self.backend.generate(
+            batch.inputs, batch.correction, request_rows=batch.request_rows, **generation
+        )
         decisions = self._decisions(requests, batch, prepared_ms)
-        return self._outputs(batch, output, decisions)
+        return answers(
+            batch.inputs, output, decisions, self.backend.stop_token_ids(), self.tokenizer
+        )
 
-    def next_token_logits(self, requests: Sequence[GuardRequest],
-                          ) -> tuple[torch.Tensor, list[GuardDecision]]:
+    def next_token_logits(
+        self,
+        requests: Sequence[GuardRequest],
+    ) -> tuple[torch.Tensor, list[GuardDecision]]:
         """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
         batch, prepared_ms = self._prepare(requests)
         logits = self.backend.forward(batch.inputs, batch.correction)
@@ -261,22 +277,14 @@ class GuardedVLM:
         batch, _ = self._prepare(requests)
         last = self.backend.num_layers - 1
         capture = CapturePlan([last])
-        self.backend.forward(batch.inputs, ChainedPlan(batch.correction, capture),
-                             use_cache=False)
+        self.backend.forward(batch.inputs, ChainedPlan(batch.correction, capture), use_cache=False)
         return capture.state(last)[: batch.request_rows, 0].cpu()
 
     def record_refusal(self, error: GuardrailError, app: str | None = None) -> None:
         """Log a ``refused`` decision for a request rejected as bad input, and attach it to
         ``error`` (so that the caller gets the typed error and the record)."""
-        cfg = self.config
-        decision = GuardDecision(
-            call_id=uuid.uuid4().hex, app=app, model=self.fingerprint.id, multimodal=True,
-            guarded=False, mode_requested=cfg.mode, mode_used="refused", alpha=cfg.alpha,
-            layers=list(self.layers), positions=cfg.positions, stacking=cfg.stacking,
-            reason=f"input refused: {type(error).__name__}: {error}",
-        )
-        log_decision(decision)
-        error.decision = decision
+        error.decision = refusal_record(error, self.config, self.layers, self.fingerprint.id, app)
+        log_decision(error.decision)
 
     def plan(self, request: GuardRequest) -> tuple[Rendering, RowPlan]:
         """Render and plan one request; bad input and fail-closed plans raise typed errors
@@ -288,9 +296,14 @@ class GuardedVLM:
             raise
         if request.shift is not None:
             self.check_shift(request.shift)
-        plan = plan_row(request, self.config, self.shifts.current,
-                        multimodal=rendering.multimodal, layers=self.layers,
-                        shift_key=self.shifts.key_name)
+        plan = plan_row(
+            request,
+            self.config,
+            self.shifts.current,
+            multimodal=rendering.multimodal,
+            layers=self.layers,
+            shift_key=self.shifts.key_name,
+        )
         if plan.fail_closed:
             decision = decision_record(plan, request, self.config, model_id=self.fingerprint.id)
             log_decision(decision)
@@ -303,31 +316,20 @@ class GuardedVLM:
         batch = prepare_batch(self.backend, self.config, self.layers, renderings, plans)
         return batch, (time.perf_counter() - started) * 1e3
 
-    def _decisions(self, requests: Sequence[GuardRequest], batch: PreparedBatch,
-                   prepared_ms: float) -> list[GuardDecision]:
+    def _decisions(
+        self, requests: Sequence[GuardRequest], batch: PreparedBatch, prepared_ms: float
+    ) -> list[GuardDecision]:
         norms = batch.live_norms()
         decisions = [
-            decision_record(plan, request, self.config, model_id=self.fingerprint.id,
-                            outcome=Outcome(len(requests), prepared_ms, norms.get(i)))
+            decision_record(
+                plan,
+                request,
+                self.config,
+                model_id=self.fingerprint.id,
+                outcome=Outcome(len(requests), prepared_ms, norms.get(i)),
+            )
             for i, (plan, request) in enumerate(zip(batch.plans, requests, strict=True))
         ]
         for decision in decisions:
             log_decision(decision)
         return decisions
-
-    def _outputs(self, batch: PreparedBatch, output: torch.Tensor,
-                 decisions: list[GuardDecision]) -> list[GuardedOutput]:
-        prompt_length = batch.inputs["input_ids"].shape[1]
-        prompt_tokens = batch.inputs["attention_mask"].sum(dim=1).tolist()
-        stops = self.backend.stop_token_ids()
-        results = []
-        for i, decision in enumerate(decisions):
-            tokens = output[i, prompt_length:].tolist()
-            tokens = tokens[: next((j for j, t in enumerate(tokens) if t in stops), len(tokens))]
-            results.append(GuardedOutput(
-                text=self.tokenizer.decode(tokens, skip_special_tokens=True),
-                token_ids=tokens, decision=decision,
-                usage=Usage(prompt_tokens=prompt_tokens[i], completion_tokens=len(tokens),
-                            total_tokens=prompt_tokens[i] + len(tokens)),
-            ))
-        return results

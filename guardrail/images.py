@@ -40,8 +40,11 @@ def load_image(source: ImageInput) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
     except InvalidImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
         raise InvalidImageError(f"not a readable image: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InvalidImageError(f"corrupt or truncated image: {e}") from e

@@ -38,8 +38,15 @@ class RowPlan:
         return self.mode in ("dataset", "sample")
 
 
-def plan_row(request: GuardRequest, config: GuardConfig, lookup: Callable[[], Lookup], *,
-             multimodal: bool, layers: tuple[int, ...], shift_key: str | None = None) -> RowPlan:
+def plan_row(
+    request: GuardRequest,
+    config: GuardConfig,
+    lookup: Callable[[], Lookup],
+    *,
+    multimodal: bool,
+    layers: tuple[int, ...],
+    shift_key: str | None = None,
+) -> RowPlan:
     """Plan ``request`` under ``config``.
 
     ``lookup`` gives the dataset-level shift (already checked to fit), stored under
@@ -60,20 +67,27 @@ def plan_row(request: GuardRequest, config: GuardConfig, lookup: Callable[[], Lo
         mode = "sample"  # untrusted input: a shift measured on this very input
     notes: list[str] = []
     if mode in ("dataset", "auto") and request.shift is not None:
-        return replace(plan("dataset", "dataset-level shift (given by the caller)"),
-                       shift=request.shift)
+        return replace(
+            plan("dataset", "dataset-level shift (given by the caller)"), shift=request.shift
+        )
     if mode in ("dataset", "auto"):
         found = lookup()
         notes += [found.note] if found.note else []
         if found.vector is not None:
-            return replace(plan("dataset", "dataset-level shift", *notes), shift=found.vector,
-                           shift_key=shift_key, shift_version=found.version)
+            return replace(
+                plan("dataset", "dataset-level shift", *notes),
+                shift=found.vector,
+                shift_key=shift_key,
+                shift_version=found.version,
+            )
     if mode == "dataset":
         why = "mode=dataset but no dataset-level shift is available"
         closed = config.on_unavailable == "fail_closed"
         outcome = "failed closed" if closed else "answered unguarded by configuration"
-        return replace(plan("unguarded", f"guard unavailable: {why} ({outcome})", *notes, why),
-                       fail_closed=closed)
+        return replace(
+            plan("unguarded", f"guard unavailable: {why} ({outcome})", *notes, why),
+            fail_closed=closed,
+        )
     if mode == "auto":
         notes.append("no dataset-level shift available: sample level")
     return plan("sample", "sample-level shift", *notes)
@@ -89,28 +103,48 @@ class Outcome:
     live_shift_norm: float | None = None
 
 
-def decision_record(plan: RowPlan, request: GuardRequest, config: GuardConfig, *,
-                    model_id: str, outcome: Outcome = Outcome(),
-                    call_id: str | None = None) -> GuardDecision:
+def decision_record(
+    plan: RowPlan,
+    request: GuardRequest,
+    config: GuardConfig,
+    *,
+    model_id: str,
+    outcome: Outcome = Outcome(),
+    call_id: str | None = None,
+) -> GuardDecision:
     """The decision record of one request, built once from its plan and the outcome."""
     shift, fallbacks = plan.shift, list(plan.fallbacks)
     shift_fields: dict[str, object] = {}
     if plan.mode == "dataset" and shift is not None:
         last = plan.layers[-1]
-        shift_fields = {"shift_id": shift.checksum[:12], "shift_level": shift.meta.level,
-                        "shift_norm": float(shift.vectors[last].norm()),
-                        "shift_key": plan.shift_key, "shift_version": plan.shift_version}
+        shift_fields = {
+            "shift_id": shift.checksum[:12],
+            "shift_level": shift.meta.level,
+            "shift_norm": float(shift.vectors[last].norm()),
+            "shift_key": plan.shift_key,
+            "shift_version": plan.shift_version,
+        }
         if shift.decode_vectors is None:
             fallbacks.append("shift has no decode vectors: prompt only")
     elif plan.mode == "sample":
         shift_fields = {"shift_level": "sample", "shift_norm": outcome.live_shift_norm}
     return GuardDecision(
-        call_id=call_id or uuid.uuid4().hex, app=request.app, model=model_id,
-        trusted=request.trusted, trust_reason=request.trust_reason,
-        multimodal=plan.mode != "text-only", guarded=plan.guarded,
-        mode_requested=plan.mode_requested, mode_used=plan.mode, alpha=plan.alpha,
-        layers=list(plan.layers), positions=config.positions, stacking=config.stacking,
-        fallbacks=fallbacks, batch_rows=outcome.batch_rows, reason=plan.reason,
+        call_id=call_id or uuid.uuid4().hex,
+        app=request.app,
+        model=model_id,
+        trusted=request.trusted,
+        trust_reason=request.trust_reason,
+        multimodal=plan.mode != "text-only",
+        guarded=plan.guarded,
+        mode_requested=plan.mode_requested,
+        mode_used=plan.mode,
+        alpha=plan.alpha,
+        layers=list(plan.layers),
+        positions=config.positions,
+        stacking=config.stacking,
+        fallbacks=fallbacks,
+        batch_rows=outcome.batch_rows,
+        reason=plan.reason,
         added_latency_ms=round(outcome.added_latency_ms, 3) if plan.guarded else 0.0,
         **shift_fields,  # type: ignore[arg-type]
     )

@@ -10,8 +10,9 @@ _MODELS: dict[tuple[str, str | None, str | None], GuardedVLM] = {}
 _LOCK = threading.Lock()
 
 
-def shared_model(name_or_path: str, device: str | None = None,
-                 dtype: str | None = None) -> GuardedVLM:
+def shared_model(
+    name_or_path: str, device: str | None = None, dtype: str | None = None
+) -> GuardedVLM:
     """The process-wide :class:`GuardedVLM` for this checkpoint, loaded on first use.
 
     Apps take views of it with :meth:`GuardedVLM.with_config`, so the weights live once.

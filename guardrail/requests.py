@@ -90,8 +90,9 @@ def text_only(rendering: Rendering) -> Rendering:
     return Rendering(messages)
 
 
-def corrupted(rendering: Rendering, spec: CorruptionSpec,
-              default_size: tuple[int, int]) -> Rendering:
+def corrupted(
+    rendering: Rendering, spec: CorruptionSpec, default_size: tuple[int, int]
+) -> Rendering:
     """The same conversation with each image replaced by the meaningless image of ``spec``.
 
     The replacement keeps each image's size (so models with size-dependent image token counts see

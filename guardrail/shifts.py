@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from guardrail.errors import ShiftMismatchError
@@ -35,23 +36,30 @@ class ShiftRequirements:
         if tuple(shift.vectors.shape) != expected:
             problems.append(f"shape {tuple(shift.vectors.shape)}, model needs {expected}")
         if meta.model.id != self.model.id:
-            problems.append(f"computed on model {meta.model.name_or_path} ({meta.model.id}), "
-                            f"not {self.model.name_or_path} ({self.model.id})")
+            problems.append(
+                f"computed on model {meta.model.name_or_path} ({meta.model.id}), "
+                f"not {self.model.name_or_path} ({self.model.id})"
+            )
         if meta.corruption != self.corruption:
             problems.append(f"corruption {meta.corruption!r}, guard uses {self.corruption!r}")
         if meta.position != self.position:
             problems.append(f"measured at {meta.position!r}, guard needs {self.position!r}")
         if meta.format_version != self.format_version:
-            problems.append(f"format version {meta.format_version}, "
-                            f"guard reads {self.format_version}")
+            problems.append(
+                f"format version {meta.format_version}, guard reads {self.format_version}"
+            )
         if problems:
             raise ShiftMismatchError("shift does not fit: " + "; ".join(problems))
 
     def key(self, anchor_name: str) -> ShiftKey:
         """The store key of a dataset-level shift that fits, calibrated on ``anchor_name``."""
-        return ShiftKey(model_id=self.model.id, corruption=self.corruption,
-                        position=self.position, anchor=anchor_name,
-                        format_version=self.format_version)
+        return ShiftKey(
+            model_id=self.model.id,
+            corruption=self.corruption,
+            position=self.position,
+            anchor=anchor_name,
+            format_version=self.format_version,
+        )
 
 
 @dataclass(frozen=True)
@@ -68,11 +76,20 @@ class DatasetShifts:
     anchor_name: str | None = None
 
     @classmethod
-    def from_store(cls, requirements: ShiftRequirements, store: ShiftStore, anchor_name: str,
-                   revalidate_s: float = 1.0) -> DatasetShifts:
-        source = CachedShiftSource(store, requirements.key(anchor_name),
-                                   revalidate_s=revalidate_s)
+    def from_store(
+        cls,
+        requirements: ShiftRequirements,
+        store: ShiftStore,
+        anchor_name: str,
+        revalidate_s: float = 1.0,
+    ) -> DatasetShifts:
+        source = CachedShiftSource(store, requirements.key(anchor_name), revalidate_s=revalidate_s)
         return cls(requirements, source=source, anchor_name=anchor_name)
+
+    def ensure(self, compute: Callable[[], ShiftVector], lock_timeout_s: float = 0.0) -> None:
+        """Compute and store the shift on a miss, once across processes (store sources only)."""
+        if self.source is not None:
+            self.source.ensure(compute, lock_timeout_s=lock_timeout_s)
 
     def current(self) -> Lookup:
         """The vector to use now, or a note saying why there is none."""
@@ -82,8 +99,9 @@ class DatasetShifts:
         try:
             self.requirements.check(lookup.vector)
         except ShiftMismatchError as e:
-            return Lookup(None, note=f"dataset-level shift rejected: {e}",
-                          store_down=lookup.store_down)
+            return Lookup(
+                None, note=f"dataset-level shift rejected: {e}", store_down=lookup.store_down
+            )
         return lookup
 
     @property
@@ -98,5 +116,6 @@ class DatasetShifts:
             return self
         if self.source is None or self.anchor_name is None:
             return DatasetShifts(requirements)
-        return self.from_store(requirements, self.source.store, self.anchor_name,
-                               self.source.revalidate_s)
+        return self.from_store(
+            requirements, self.source.store, self.anchor_name, self.source.revalidate_s
+        )

@@ -8,6 +8,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 import torch
 
+from shift_store import ShiftVector
+
 ImageSource = Literal["app", "inline", "remote"]
 
 
@@ -42,14 +44,23 @@ class AnchorStats:
     std: torch.Tensor
     threshold: float
 
+    @classmethod
+    def of(cls, shift: ShiftVector | None) -> AnchorStats | None:
+        """The anchor statistics stored with a dataset-level shift, if it has them."""
+        if shift is None or shift.anchor_mean is None or shift.anchor_std is None:
+            return None
+        threshold = shift.meta.anchor_distance_threshold
+        return cls(shift.anchor_mean, shift.anchor_std, threshold or float("inf"))
+
     def distance(self, state: torch.Tensor) -> float:
         """Root mean square z-score of ``state`` against the anchors."""
         z = (state.float().cpu() - self.mean) / self.std
         return float(z.square().mean().sqrt())
 
 
-def calibrate_threshold(mean: torch.Tensor, std: torch.Tensor,
-                        sample: list[torch.Tensor], quantile: float = 0.99) -> float:
+def calibrate_threshold(
+    mean: torch.Tensor, std: torch.Tensor, sample: list[torch.Tensor], quantile: float = 0.99
+) -> float:
     """The ``quantile`` of the anchors' own distances (a sample of them)."""
     stats = AnchorStats(mean, std, 0.0)
     distances = torch.tensor([stats.distance(s) for s in sample])

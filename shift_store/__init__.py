@@ -44,8 +44,9 @@ def open_store(url: str | None = None, namespace: str = "default") -> ShiftStore
         from shift_store.redis_store import RedisShiftStore, make_client
 
         rest = urlencode({k: v for k, v in params.items() if k not in _OWN_PARAMS})
-        client = make_client(urlunsplit(parts._replace(query=rest)),
-                             retries=int(params.get("retries", 2)))
+        client = make_client(
+            urlunsplit(parts._replace(query=rest)), retries=int(params.get("retries", 2))
+        )
         ttl = int(params["ttl"]) if "ttl" in params else None
         return RedisShiftStore(client, namespace=namespace, ttl_s=ttl)
     raise ValueError(f"unsupported shift store URL scheme {parts.scheme!r} in {url!r}")

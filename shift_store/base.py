@@ -40,14 +40,21 @@ class ShiftKey(BaseModel):
         """Key text, safe for Redis and file names."""
         anchor = re.sub(r"[^A-Za-z0-9._-]", "_", self.anchor)[:48]
         digest = hashlib.sha256(self.anchor.encode()).hexdigest()[:8]
-        return (f"v{self.format_version}.{self.model_id}.{self.corruption}.{self.position}."
-                f"{anchor}-{digest}")
+        return (
+            f"v{self.format_version}.{self.model_id}.{self.corruption}.{self.position}."
+            f"{anchor}-{digest}"
+        )
 
     @classmethod
     def for_meta(cls, meta: ShiftMeta) -> ShiftKey:
         """The key a vector with ``meta`` belongs under."""
-        return cls(model_id=meta.model.id, corruption=meta.corruption, position=meta.position,
-                   anchor=meta.anchor_name or "unnamed", format_version=meta.format_version)
+        return cls(
+            model_id=meta.model.id,
+            corruption=meta.corruption,
+            position=meta.position,
+            anchor=meta.anchor_name or "unnamed",
+            format_version=meta.format_version,
+        )
 
 
 class StoredShift(BaseModel):
@@ -87,8 +94,12 @@ class ShiftStore(Protocol):
         """Every stored vector of this namespace, metadata only."""
         ...
 
-    def lock(self, key: ShiftKey, timeout_s: float, expire_s: float,
-             ) -> AbstractContextManager[bool]:
+    def lock(
+        self,
+        key: ShiftKey,
+        timeout_s: float,
+        expire_s: float,
+    ) -> AbstractContextManager[bool]:
         """Hold the compute lock of ``key``; yields False when not acquired within ``timeout_s``.
         A crashed holder's lock lapses after ``expire_s`` (Redis) or with its process (files)."""
         ...

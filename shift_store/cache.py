@@ -41,8 +41,15 @@ class CachedShiftSource:
     ``retry_after_s``; it recovers by itself when the store is back.
     """
 
-    def __init__(self, store: ShiftStore, key: ShiftKey, *, revalidate_s: float = 1.0,
-                 retry_after_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        store: ShiftStore,
+        key: ShiftKey,
+        *,
+        revalidate_s: float = 1.0,
+        retry_after_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.store, self.key = store, key
         self.revalidate_s, self.retry_after_s = revalidate_s, retry_after_s
         self._clock = clock
@@ -77,9 +84,12 @@ class CachedShiftSource:
         except StoreUnavailableError as e:
             log.warning("shift store unreachable: %s", e)
             note = f"store unreachable ({e})"
-            lookup = Lookup(known.vector, known.version,
-                            note + ("; using the cached vector" if known.vector else ""),
-                            store_down=True)
+            lookup = Lookup(
+                known.vector,
+                known.version,
+                note + ("; using the cached vector" if known.vector else ""),
+                store_down=True,
+            )
         except ShiftFormatError as e:
             lookup = Lookup(None, note=f"stored shift rejected: {e}")
         self._entry = _Entry(lookup, now)
@@ -89,8 +99,13 @@ class CachedShiftSource:
         """Forget the cached state; the next :meth:`current` asks the store."""
         self._entry = None
 
-    def ensure(self, compute: Callable[[], ShiftVector], *, lock_timeout_s: float = 0.0,
-               lock_expire_s: float = 600.0) -> Lookup:
+    def ensure(
+        self,
+        compute: Callable[[], ShiftVector],
+        *,
+        lock_timeout_s: float = 0.0,
+        lock_expire_s: float = 600.0,
+    ) -> Lookup:
         """Return the stored vector, computing and storing it on a miss.
 
         Across replicas exactly one computes: it holds the key's lock; the others wait up to

@@ -94,8 +94,11 @@ class LocalShiftStore:
             except (OSError, ShiftFormatError) as e:
                 log.warning("unreadable shift file %s: %s", path, e)
                 continue
-            entries.append(StoredShift(key=path.name.removesuffix(_SUFFIX), meta=meta,
-                                       version=_version(path.stat())))
+            entries.append(
+                StoredShift(
+                    key=path.name.removesuffix(_SUFFIX), meta=meta, version=_version(path.stat())
+                )
+            )
         return entries
 
     @contextmanager

@@ -20,16 +20,29 @@ from shift_store.vector import ShiftFormatError, ShiftMeta, ShiftVector
 log = logging.getLogger("shift_store")
 
 
-def make_client(url: str, *, retries: int = 2, socket_timeout: float = 1.0,
-                connect_timeout: float = 1.0, max_connections: int = 16,
-                **kwargs: Any) -> redis.Redis:
+def make_client(
+    url: str,
+    *,
+    retries: int = 2,
+    socket_timeout: float = 1.0,
+    connect_timeout: float = 1.0,
+    max_connections: int = 16,
+    **kwargs: Any,
+) -> redis.Redis:
     """A redis-py client for ``redis://``, ``rediss://`` (TLS) or ``unix://`` URLs, with bounded
     timeouts and retries with jittered exponential backoff. Query parameters of the URL (for
     example ``socket_timeout``) override the keyword defaults."""
-    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), retries,
-                  supported_errors=(RedisConnectionError, RedisTimeoutError))
-    options = {"socket_timeout": socket_timeout, "socket_connect_timeout": connect_timeout,
-               "max_connections": max_connections, **kwargs}
+    retry = Retry(
+        ExponentialWithJitterBackoff(base=0.05, cap=0.5),
+        retries,
+        supported_errors=(RedisConnectionError, RedisTimeoutError),
+    )
+    options = {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": connect_timeout,
+        "max_connections": max_connections,
+        **kwargs,
+    }
     return redis.Redis.from_url(url, retry=retry, decode_responses=False, **options)
 
 
@@ -38,8 +51,9 @@ class RedisShiftStore:
     (safetensors bytes, metadata inside), ``meta`` (JSON, for listing) and ``sha256`` (the
     version), written in one ``HSET`` so that no reader ever sees half a vector."""
 
-    def __init__(self, client: redis.Redis, namespace: str = "default",
-                 ttl_s: int | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, namespace: str = "default", ttl_s: int | None = None
+    ) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl_s = ttl_s
@@ -82,8 +96,11 @@ class RedisShiftStore:
 
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
         name = self._key(key)
-        mapping = {"payload": vector.to_bytes(), "meta": vector.meta.model_dump_json(),
-                   "sha256": vector.checksum}
+        mapping = {
+            "payload": vector.to_bytes(),
+            "meta": vector.meta.model_dump_json(),
+            "sha256": vector.checksum,
+        }
         with self.client.pipeline(transaction=True) as pipe:
             pipe.delete(name)  # drop fields of an older writer, in the same transaction
             pipe.hset(name, mapping=mapping)
@@ -101,9 +118,11 @@ class RedisShiftStore:
         for name in self._call("list", lambda: list(self.client.scan_iter(pattern, count=100))):
             meta, version = self._call("list", self.client.hmget, name, ["meta", "sha256"])
             try:
-                entry = StoredShift(key=name.decode().removeprefix(f"{self._prefix}shift:"),
-                                    meta=ShiftMeta.model_validate_json(meta or b""),
-                                    version=(version or b"").decode())
+                entry = StoredShift(
+                    key=name.decode().removeprefix(f"{self._prefix}shift:"),
+                    meta=ShiftMeta.model_validate_json(meta or b""),
+                    version=(version or b"").decode(),
+                )
             except ValueError as e:
                 log.warning("unreadable shift metadata under %s: %s", name, e)
                 continue
@@ -112,8 +131,12 @@ class RedisShiftStore:
 
     @contextmanager
     def lock(self, key: ShiftKey, timeout_s: float, expire_s: float = 600.0) -> Iterator[bool]:
-        lock = self.client.lock(f"{self._prefix}lock:{key.name}", timeout=expire_s,
-                                blocking_timeout=timeout_s, sleep=0.05)
+        lock = self.client.lock(
+            f"{self._prefix}lock:{key.name}",
+            timeout=expire_s,
+            blocking_timeout=timeout_s,
+            sleep=0.05,
+        )
         acquired = self._call("lock", lock.acquire)
         try:
             yield acquired

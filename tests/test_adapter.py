@@ -40,8 +40,9 @@ B64 = base64.b64encode(PNG).decode()
 
 def openai_image(data: bytes = PNG, text: str = "What is in this picture?") -> HumanMessage:
     url = "data:image/png;base64," + base64.b64encode(data).decode()
-    return HumanMessage(content=[{"type": "text", "text": text},
-                                 {"type": "image_url", "image_url": {"url": url}}])
+    return HumanMessage(
+        content=[{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": url}}]
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -51,8 +52,12 @@ class _Handler(BaseHTTPRequestHandler):
             "/img.png": (200, "image/png", PNG, {}),
             "/html": (200, "text/html", b"<html></html>", {}),
             "/big.png": (200, "image/png", b"\x89PNG" + bytes(3_000_000), {}),
-            "/to-private": (302, "text/plain", b"", {"Location":
-                                                     f"http://127.0.0.2:{port}/img.png"}),
+            "/to-private": (
+                302,
+                "text/plain",
+                b"",
+                {"Location": f"http://127.0.0.2:{port}/img.png"},
+            ),
             "/to-img": (302, "text/plain", b"", {"Location": "/img.png"}),
             "/missing": (404, "text/plain", b"no", {}),
         }
@@ -83,8 +88,13 @@ def image_server():
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    return ChatGuardedVLM(model=str(tiny_path), app="tiny-app", store=f"file://{store}",
-                          max_tokens=6, allow_image_networks=["127.0.0.1/32"])
+    return ChatGuardedVLM(
+        model=str(tiny_path),
+        app="tiny-app",
+        store=f"file://{store}",
+        max_tokens=6,
+        allow_image_networks=["127.0.0.1/32"],
+    )
 
 
 # ---------------------------------------------------------------- image formats
@@ -94,10 +104,18 @@ def test_all_image_formats_offline(tiny_chat, image_server):
     """The three formats of langchain-tests' test_image_inputs, without the internet."""
     messages = [
         openai_image(),
-        HumanMessage(content=[{"type": "text", "text": "Describe."},
-                              {"type": "image", "base64": B64, "mime_type": "image/png"}]),
-        HumanMessage(content=[{"type": "text", "text": "Describe."},
-                              {"type": "image", "url": f"{image_server}/img.png"}]),
+        HumanMessage(
+            content=[
+                {"type": "text", "text": "Describe."},
+                {"type": "image", "base64": B64, "mime_type": "image/png"},
+            ]
+        ),
+        HumanMessage(
+            content=[
+                {"type": "text", "text": "Describe."},
+                {"type": "image", "url": f"{image_server}/img.png"},
+            ]
+        ),
     ]
     for message in messages:
         safety = tiny_chat.invoke([message]).response_metadata["safety"]
@@ -106,12 +124,17 @@ def test_all_image_formats_offline(tiny_chat, image_server):
 
 
 def test_several_images_in_one_message(tiny_chat):
-    message = HumanMessage(content=[
-        {"type": "image", "base64": B64, "mime_type": "image/png"},
-        {"type": "text", "text": "Compare these"},
-        {"type": "image", "base64": base64.b64encode(png_bytes(1)).decode(),
-         "mime_type": "image/png"},
-    ])
+    message = HumanMessage(
+        content=[
+            {"type": "image", "base64": B64, "mime_type": "image/png"},
+            {"type": "text", "text": "Compare these"},
+            {
+                "type": "image",
+                "base64": base64.b64encode(png_bytes(1)).decode(),
+                "mime_type": "image/png",
+            },
+        ]
+    )
     result = tiny_chat.invoke([message])
     assert result.usage_metadata["input_tokens"] > 32  # 2 x 16 image tokens
     assert result.response_metadata["safety"]["guarded"]
@@ -122,7 +145,9 @@ def test_text_only_passes_through_unmodified(tiny_chat):
     result = tiny_chat.invoke(messages)
     engine = tiny_chat.guarded_model.generate(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}],
-        max_new_tokens=6, mode="off")
+        max_new_tokens=6,
+        mode="off",
+    )
     assert result.content == engine.text
     safety = result.response_metadata["safety"]
     assert safety["mode_used"] == "text-only" and not safety["guarded"]
@@ -132,12 +157,15 @@ def test_text_only_passes_through_unmodified(tiny_chat):
 # ---------------------------------------------------------------- hostile and bad input
 
 
-@pytest.mark.parametrize("path, match", [
-    ("/html", "content type"),
-    ("/big.png", "exceeds"),
-    ("/to-private", "non-public"),
-    ("/missing", "HTTP 404"),
-])
+@pytest.mark.parametrize(
+    "path, match",
+    [
+        ("/html", "content type"),
+        ("/big.png", "exceeds"),
+        ("/to-private", "non-public"),
+        ("/missing", "HTTP 404"),
+    ],
+)
 def test_remote_image_rules(image_server, path, match):
     fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"], max_bytes=1_000_000)
     with pytest.raises(ImageFetchError, match=match):
@@ -147,16 +175,17 @@ def test_remote_image_rules(image_server, path, match):
 
 def test_remote_image_address_scheme_allow_list_and_timeout(image_server):
     default = RemoteImageFetcher()
-    for url, match in ((f"{image_server}/img.png", "non-public"),
-                       ("http://169.254.169.254/latest/meta-data", "non-public"),
-                       ("http://[::1]/x.png", "non-public"),
-                       ("http://10.1.2.3/x.png", "non-public"),
-                       ("file:///etc/passwd", "scheme"),
-                       ("ftp://example.com/x.png", "scheme")):
+    for url, match in (
+        (f"{image_server}/img.png", "non-public"),
+        ("http://169.254.169.254/latest/meta-data", "non-public"),
+        ("http://[::1]/x.png", "non-public"),
+        ("http://10.1.2.3/x.png", "non-public"),
+        ("file:///etc/passwd", "scheme"),
+        ("ftp://example.com/x.png", "scheme"),
+    ):
         with pytest.raises(ImageFetchError, match=match):
             default.fetch(url)
-    listed = RemoteImageFetcher(allow_hosts=["images.example.com"],
-                                allow_networks=["127.0.0.1/32"])
+    listed = RemoteImageFetcher(allow_hosts=["images.example.com"], allow_networks=["127.0.0.1/32"])
     with pytest.raises(ImageFetchError, match="allow list"):
         listed.fetch(f"{image_server}/img.png")
     slow = RemoteImageFetcher(allow_networks=["127.0.0.1/32"], timeout_s=0.5)
@@ -170,45 +199,68 @@ def _bomb() -> bytes:
     return buffer.getvalue()
 
 
-@pytest.mark.parametrize("data, match", [
-    (b"definitely not an image", "not a readable image"),
-    (PNG[: len(PNG) // 2], "truncated"),
-    (_bomb(), "out of range|decompression|not a readable"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (b"definitely not an image", "not a readable image"),
+        (PNG[: len(PNG) // 2], "truncated"),
+        (_bomb(), "out of range|decompression|not a readable"),
+    ],
+)
 def test_bad_images_are_refused_with_a_decision(tiny_chat, data, match, caplog):
-    with caplog.at_level(logging.INFO, logger="guardrail.decisions"), \
-            pytest.raises(InvalidImageError, match=match) as info:
+    with (
+        caplog.at_level(logging.INFO, logger="guardrail.decisions"),
+        pytest.raises(InvalidImageError, match=match) as info,
+    ):
         tiny_chat.invoke([openai_image(data)])
     assert info.value.decision.mode_used == "refused" and not info.value.decision.guarded
-    logged = [json.loads(r.getMessage()) for r in caplog.records
-              if r.name == "guardrail.decisions"]
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "guardrail.decisions"]
     assert logged[-1]["mode_used"] == "refused" and "InvalidImageError" in logged[-1]["reason"]
 
 
 def test_bad_base64_and_unsupported_blocks(tiny_chat):
     with pytest.raises(InvalidImageError, match="base64"):
-        tiny_chat.invoke([HumanMessage(content=[
-            {"type": "image", "base64": "%%%not-base64", "mime_type": "image/png"}])])
+        tiny_chat.invoke(
+            [
+                HumanMessage(
+                    content=[{"type": "image", "base64": "%%%not-base64", "mime_type": "image/png"}]
+                )
+            ]
+        )
     with pytest.raises(UnsupportedContentError, match="audio"):
-        tiny_chat.invoke([HumanMessage(content=[
-            {"type": "audio", "base64": B64, "mime_type": "audio/wav"}])])
+        tiny_chat.invoke(
+            [HumanMessage(content=[{"type": "audio", "base64": B64, "mime_type": "audio/wav"}])]
+        )
     with pytest.raises(InvalidImageError, match="non-public"):
-        tiny_chat.invoke([HumanMessage(content=[
-            {"type": "image", "url": "http://192.168.1.1/cam.png"}])])
+        tiny_chat.invoke(
+            [HumanMessage(content=[{"type": "image", "url": "http://192.168.1.1/cam.png"}])]
+        )
 
 
 # ---------------------------------------------------------------- trust
 
 
 def test_trust_policies_choose_the_shift_level(tiny_path, tmp_path, image_server):
-    chat = ChatGuardedVLM(model=str(tiny_path), app="trust", store=f"file://{tmp_path}",
-                          max_tokens=3, trust_policy="image-source",
-                          allow_image_networks=["127.0.0.1/32"])
+    chat = ChatGuardedVLM(
+        model=str(tiny_path),
+        app="trust",
+        store=f"file://{tmp_path}",
+        max_tokens=3,
+        trust_policy="image-source",
+        allow_image_networks=["127.0.0.1/32"],
+    )
     inline = chat.invoke([openai_image()]).response_metadata["safety"]
     assert inline["trusted"] is True and inline["mode_used"] == "dataset"
-    remote = chat.invoke([HumanMessage(content=[
-        {"type": "text", "text": "Describe."},
-        {"type": "image", "url": f"{image_server}/img.png"}])]).response_metadata["safety"]
+    remote = chat.invoke(
+        [
+            HumanMessage(
+                content=[
+                    {"type": "text", "text": "Describe."},
+                    {"type": "image", "url": f"{image_server}/img.png"},
+                ]
+            )
+        ]
+    ).response_metadata["safety"]
     assert remote["trusted"] is False and remote["mode_used"] == "sample"
     assert "remote" in remote["trust_reason"]
     override = chat.invoke([openai_image()], trust="untrusted").response_metadata["safety"]
@@ -216,8 +268,13 @@ def test_trust_policies_choose_the_shift_level(tiny_path, tmp_path, image_server
 
 
 def test_anchor_distance_policy_and_custom_policy(tiny_path, tmp_path):
-    chat = ChatGuardedVLM(model=str(tiny_path), app="anchor", store=f"file://{tmp_path}",
-                          max_tokens=3, trust_policy="anchor-distance")
+    chat = ChatGuardedVLM(
+        model=str(tiny_path),
+        app="anchor",
+        store=f"file://{tmp_path}",
+        max_tokens=3,
+        trust_policy="anchor-distance",
+    )
     stats = chat.guarded_model.anchor_stats()
     assert stats is not None and stats.threshold > 0
     anchor_like = chat.invoke([openai_image(text="What is in this picture?")])
@@ -227,8 +284,13 @@ def test_anchor_distance_policy_and_custom_policy(tiny_path, tmp_path):
         def classify(self, call: TrustInput, anchor) -> Verdict:
             return Verdict(False, f"custom: {len(call.image_sources)} image(s) at night")
 
-    custom = ChatGuardedVLM(model=str(tiny_path), app="anchor", store=f"file://{tmp_path}",
-                            max_tokens=3, trust_policy=NightShift())
+    custom = ChatGuardedVLM(
+        model=str(tiny_path),
+        app="anchor",
+        store=f"file://{tmp_path}",
+        max_tokens=3,
+        trust_policy=NightShift(),
+    )
     safety = custom.invoke([openai_image()]).response_metadata["safety"]
     assert safety["trusted"] is False and safety["trust_reason"].startswith("custom: 1 image")
 
@@ -241,8 +303,9 @@ def test_anchor_distance_threshold_logic():
     assert AnchorDistance().classify(near, stats).trusted
     assert not AnchorDistance().classify(far, stats).trusted
     assert not AnchorDistance().classify(near, None).trusted
-    assert ByImageSource().classify(TrustInput(("inline", "remote"), lambda: None), None) \
-        == Verdict(False, "image source remote is untrusted")
+    assert ByImageSource().classify(
+        TrustInput(("inline", "remote"), lambda: None), None
+    ) == Verdict(False, "image source remote is untrusted")
 
 
 # ---------------------------------------------------------------- decisions, apps, batching
@@ -257,10 +320,16 @@ class _Recorder(BaseCallbackHandler):
 
 
 def test_smollm_invoke_stream_batch_with_redis(smollm_path, namespace, caplog):
-    chat = ChatGuardedVLM(model=str(smollm_path), app="support-bot", alpha=0.8,
-                          store=f"{SHARED_REDIS}?namespace={namespace}", max_tokens=12,
-                          batch_window_ms=200, anchor_name="first-8",
-                          anchors=anchor_prompts()[:8])
+    chat = ChatGuardedVLM(
+        model=str(smollm_path),
+        app="support-bot",
+        alpha=0.8,
+        store=f"{SHARED_REDIS}?namespace={namespace}",
+        max_tokens=12,
+        batch_window_ms=200,
+        anchor_name="first-8",
+        anchors=anchor_prompts()[:8],
+    )
     vlm = chat.guarded_model
     message = openai_image(png_bytes(3, (96, 96)))
     recorder = _Recorder()
@@ -269,22 +338,33 @@ def test_smollm_invoke_stream_batch_with_redis(smollm_path, namespace, caplog):
     safety = result.response_metadata["safety"]
     shift = vlm.dataset_shift
     expected = {
-        "app": "support-bot", "model": vlm.fingerprint.id, "multimodal": True, "guarded": True,
-        "trusted": True, "mode_used": "dataset", "alpha": 0.8, "layers": [25],
-        "positions": "last", "shift_level": "dataset", "shift_id": shift.checksum[:12],
-        "shift_key": vlm.shifts.source.key.name, "shift_version": shift.checksum, "fallbacks": [],
+        "app": "support-bot",
+        "model": vlm.fingerprint.id,
+        "multimodal": True,
+        "guarded": True,
+        "trusted": True,
+        "mode_used": "dataset",
+        "alpha": 0.8,
+        "layers": [25],
+        "positions": "last",
+        "shift_level": "dataset",
+        "shift_id": shift.checksum[:12],
+        "shift_key": vlm.shifts.source.key.name,
+        "shift_version": shift.checksum,
+        "fallbacks": [],
         "batch_rows": 1,
     }
     assert {k: safety[k] for k in expected} == expected
     assert safety["shift_norm"] == pytest.approx(float(shift.vectors[25].norm()), rel=1e-5)
     assert safety["added_latency_ms"] > 0 and len(safety["call_id"]) == 32
     assert result.response_metadata["model_name"] == str(smollm_path)
-    assert result.usage_metadata["output_tokens"] == len(vlm.tokenizer(
-        result.content, add_special_tokens=False).input_ids) or result.usage_metadata[
-        "output_tokens"] == 12
+    assert (
+        result.usage_metadata["output_tokens"]
+        == len(vlm.tokenizer(result.content, add_special_tokens=False).input_ids)
+        or result.usage_metadata["output_tokens"] == 12
+    )
     assert recorder.events == [("guardrail_decision", safety)]
-    logged = [json.loads(r.getMessage()) for r in caplog.records
-              if r.name == "guardrail.decisions"]
+    logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "guardrail.decisions"]
     assert logged == [safety]
     assert "What is in this picture?" not in caplog.text and B64[:40] not in caplog.text
 
@@ -302,10 +382,12 @@ def test_smollm_invoke_stream_batch_with_redis(smollm_path, namespace, caplog):
 
 
 def test_two_apps_share_one_model_with_their_own_alpha(tiny_path, tmp_path):
-    a = ChatGuardedVLM(model=str(tiny_path), app="app-a", alpha=0.0,
-                       store=f"file://{tmp_path}", max_tokens=6)
-    b = ChatGuardedVLM(model=str(tiny_path), app="app-b", alpha=4.0,
-                       store=f"file://{tmp_path}", max_tokens=6)
+    a = ChatGuardedVLM(
+        model=str(tiny_path), app="app-a", alpha=0.0, store=f"file://{tmp_path}", max_tokens=6
+    )
+    b = ChatGuardedVLM(
+        model=str(tiny_path), app="app-b", alpha=4.0, store=f"file://{tmp_path}", max_tokens=6
+    )
     assert a.guarded_model.model is b.guarded_model.model  # loaded once
     ra, rb = a.invoke([openai_image()]), b.invoke([openai_image()])
     sa, sb = ra.response_metadata["safety"], rb.response_metadata["safety"]
@@ -321,8 +403,9 @@ def test_stop_sequences_and_settings(tiny_chat):
     stop = full[2:4]
     stopped = tiny_chat.invoke([HumanMessage("hello")], max_tokens=12, stop=[stop]).content
     assert stopped == full[: full.index(stop)]
-    streamed = "".join(c.content for c in tiny_chat.stream([HumanMessage("hello")],
-                                                          max_tokens=12, stop=[stop]))
+    streamed = "".join(
+        c.content for c in tiny_chat.stream([HumanMessage("hello")], max_tokens=12, stop=[stop])
+    )
     assert streamed == stopped
     with pytest.raises(Exception, match="model override"):
         tiny_chat.invoke([HumanMessage("hello")], model="another-model")
@@ -354,13 +437,20 @@ async def test_async_calls_do_not_block_the_event_loop(tiny_chat):
 def test_store_outage_fails_closed_or_answers_unguarded_by_choice(tiny_path, own_redis):
     url = f"{own_redis.url}?retries=0"
     own_redis.kill()
-    strict = ChatGuardedVLM(model=str(tiny_path), app="strict", mode="dataset", store=url,
-                            max_tokens=3)
+    strict = ChatGuardedVLM(
+        model=str(tiny_path), app="strict", mode="dataset", store=url, max_tokens=3
+    )
     with pytest.raises(GuardUnavailableError) as info:
         strict.invoke([openai_image()])
     assert any("unreachable" in f for f in info.value.decision.fallbacks)
-    lenient = ChatGuardedVLM(model=str(tiny_path), app="lenient", mode="dataset", store=url,
-                             max_tokens=3, on_unavailable="unguarded")
+    lenient = ChatGuardedVLM(
+        model=str(tiny_path),
+        app="lenient",
+        mode="dataset",
+        store=url,
+        max_tokens=3,
+        on_unavailable="unguarded",
+    )
     safety = lenient.invoke([openai_image()]).response_metadata["safety"]
     assert safety["mode_used"] == "unguarded" and not safety["guarded"]
     assert "answered unguarded by configuration" in safety["reason"]

@@ -19,8 +19,7 @@ from .test_adapter import openai_image
 @pytest.fixture(scope="module")
 def chat(tiny_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("agents")
-    return ChatGuardedVLM(model=str(tiny_path), app="agents", store=f"file://{store}",
-                          max_tokens=5)
+    return ChatGuardedVLM(model=str(tiny_path), app="agents", store=f"file://{store}", max_tokens=5)
 
 
 def test_create_agent_without_tools_guards_multimodal_turns(chat):
@@ -50,8 +49,15 @@ def test_inside_a_langgraph_graph(chat):
     graph.add_node("model", lambda state: {"messages": [chat.invoke(state["messages"])]})
     graph.add_edge(START, "model")
     graph.add_edge("model", END)
-    out = graph.compile().invoke({"messages": [openai_image(), ]})
+    out = graph.compile().invoke(
+        {
+            "messages": [
+                openai_image(),
+            ]
+        }
+    )
     assert out["messages"][-1].response_metadata["safety"]["guarded"]
-    streamed = list(graph.compile().stream({"messages": [HumanMessage("hi")]},
-                                           stream_mode="messages"))
+    streamed = list(
+        graph.compile().stream({"messages": [HumanMessage("hi")]}, stream_mode="messages")
+    )
     assert streamed and all(meta["langgraph_node"] == "model" for _, meta in streamed)

@@ -39,8 +39,9 @@ def test_tiny_fixture_loads_through_from_pretrained(tiny_path):
 
 
 def test_dataset_shift_is_mean_of_sample_shifts(tiny_vlm):
-    dataset = tiny_vlm.compute_dataset_shift(ANCHORS, batch_size=2, progress=False,
-                                             activate=False, anchor_name="unit")
+    dataset = tiny_vlm.compute_dataset_shift(
+        ANCHORS, batch_size=2, progress=False, activate=False, anchor_name="unit"
+    )
     samples = torch.stack([tiny_vlm.compute_sample_shift(p).vectors for p in ANCHORS])
     assert dataset.vectors.shape == (4, 64) and dataset.vectors.dtype == torch.float32
     assert dataset.decode_vectors.shape == (4, 64)
@@ -52,10 +53,12 @@ def test_dataset_shift_is_mean_of_sample_shifts(tiny_vlm):
 
 
 def test_dataset_shift_streams_from_a_generator(tiny_vlm):
-    from_list = tiny_vlm.compute_dataset_shift(ANCHORS, batch_size=2, progress=False,
-                                               activate=False)
-    from_gen = tiny_vlm.compute_dataset_shift((p for p in ANCHORS), batch_size=2,
-                                              progress=False, activate=False)
+    from_list = tiny_vlm.compute_dataset_shift(
+        ANCHORS, batch_size=2, progress=False, activate=False
+    )
+    from_gen = tiny_vlm.compute_dataset_shift(
+        (p for p in ANCHORS), batch_size=2, progress=False, activate=False
+    )
     torch.testing.assert_close(from_list.vectors, from_gen.vectors)
     with pytest.raises(InvalidInputError, match="empty"):
         tiny_vlm.compute_dataset_shift([], progress=False)
@@ -124,14 +127,18 @@ def test_usage_counts_tokens(tiny_vlm, image):
 
 
 def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
-    rows = [render_request(GuardRequest("What?", [image])),
-            render_request(GuardRequest("A much longer text-only prompt here"))]
+    rows = [
+        render_request(GuardRequest("What?", [image])),
+        render_request(GuardRequest("A much longer text-only prompt here")),
+    ]
     inputs = tiny_vlm.encode(rows)
     image_token = tiny_vlm.backend.image_token_id
     is_image = inputs["input_ids"] == image_token
     real = inputs["attention_mask"].bool()
-    masks = {p: prefill_mask(GuardConfig(positions=p), inputs, image_token)
-             for p in ("all", "text", "last")}
+    masks = {
+        p: prefill_mask(GuardConfig(positions=p), inputs, image_token)
+        for p in ("all", "text", "last")
+    }
     assert torch.equal(masks["all"], real)
     assert torch.equal(masks["text"], real & ~is_image) and int(is_image.sum()) == 16
     assert masks["last"].sum(1).tolist() == [1, 1] and masks["last"][:, -1].all()
@@ -153,8 +160,12 @@ def test_correction_plan_edits_prefill_mask_then_every_decode_token():
 def test_lockstep_feeds_reference_rows_and_subtracts_their_live_difference():
     """Row 0 is corrected by alpha * (row 1 - row 2); rows 1, 2 get row 0's token embedding."""
     zeros = torch.zeros(2, 3, 2)
-    step = Lockstep(main=torch.tensor([0]), corrupted=torch.tensor([1]), text=torch.tensor([2]),
-                    alpha=torch.tensor([[0.5]]))
+    step = Lockstep(
+        main=torch.tensor([0]),
+        corrupted=torch.tensor([1]),
+        text=torch.tensor([2]),
+        alpha=torch.tensor([[0.5]]),
+    )
     plan = CorrectionPlan([0, 1], zeros, zeros, torch.ones(3, 2, dtype=torch.bool), step)
     embeds = torch.arange(6.0).reshape(3, 1, 2)
     assert plan.on_output(EMBEDDINGS, embeds) is None  # prefill: own prompts
@@ -173,8 +184,11 @@ def test_row_trim_cuts_batch_arguments_and_pads_the_head():
     trim = RowTrim(after=1, keep=2, total=6)
     hidden, mask = torch.randn(6, 4, 8), torch.ones(6, 1, 4, 4, dtype=torch.bool)
     cos_sin = (torch.randn(6, 4, 2), torch.randn(1, 4, 2))  # one per row, one broadcast
-    args, kwargs = trim.layer_inputs("Layer", (hidden,), {
-        "attention_mask": mask, "position_embeddings": cos_sin, "use_cache": True})
+    args, kwargs = trim.layer_inputs(
+        "Layer",
+        (hidden,),
+        {"attention_mask": mask, "position_embeddings": cos_sin, "use_cache": True},
+    )
     assert trim.state == "on" and torch.equal(args[0], hidden[:2])
     assert kwargs["attention_mask"].shape[0] == 2 and kwargs["use_cache"] is True
     assert kwargs["position_embeddings"][0].shape[0] == 2
@@ -199,8 +213,9 @@ def test_incremental_stacking_subtracts_each_layers_shift_once(tiny_vlm, image):
         (True, [shift.vectors[1], shift.vectors[3] - shift.vectors[1]]),
         (False, [shift.vectors[1], shift.vectors[3]]),
     ):
-        torch.testing.assert_close(stacked_shifts(shift.vectors, [1, 3], incremental),
-                                   torch.stack(expected))
+        torch.testing.assert_close(
+            stacked_shifts(shift.vectors, [1, 3], incremental), torch.stack(expected)
+        )
 
 
 def test_bad_images_raise_typed_errors(tiny_vlm, image):
@@ -238,8 +253,9 @@ def test_shift_of_another_model_or_shape_is_refused(tiny_vlm, tiny_path, image):
         other_vlm.generate("What?", [image], mode="dataset", shift=shift, max_new_tokens=2)
     wrong_shape = ShiftVector(
         vectors=torch.zeros(3, 64),
-        meta=shift.meta.model_copy(update={"model": shift.meta.model.model_copy(
-            update={"num_layers": 3})}),
+        meta=shift.meta.model_copy(
+            update={"model": shift.meta.model.model_copy(update={"num_layers": 3})}
+        ),
     )
     with pytest.raises(ShiftMismatchError, match="shape"):
         tiny_vlm.set_dataset_shift(wrong_shape)
@@ -266,8 +282,9 @@ def test_concurrent_calls_never_see_each_others_correction(tiny_vlm):
     request = GuardRequest("What is this?", [synthetic_image(2, (64, 64))], mode="off")
     clean, _ = tiny_vlm.next_token_logits([request])
     strong = torch.full((tiny_vlm.num_layers, 1, tiny_vlm.hidden_size), 50.0)
-    plan = CorrectionPlan(range(tiny_vlm.num_layers), strong, strong,
-                          torch.ones(1, 1, dtype=torch.bool))
+    plan = CorrectionPlan(
+        range(tiny_vlm.num_layers), strong, strong, torch.ones(1, 1, dtype=torch.bool)
+    )
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
@@ -290,8 +307,10 @@ def test_threads_with_different_alpha_match_their_sequential_answers(tiny_vlm):
     vlm = tiny_vlm.with_config(GuardConfig(layers=(0, 1, 2, 3), positions="all"))
     img = synthetic_image(3, (64, 64))
     alphas = [0.0, 2.0, 5.0]
-    expected = {a: vlm.generate("Describe it.", [img], alpha=a, mode="sample",
-                                max_new_tokens=8).token_ids for a in alphas}
+    expected = {
+        a: vlm.generate("Describe it.", [img], alpha=a, mode="sample", max_new_tokens=8).token_ids
+        for a in alphas
+    }
     assert len({tuple(t) for t in expected.values()}) == 3  # the alphas really differ
     results: dict[float, list[list[int]]] = {a: [] for a in alphas}
     barrier = threading.Barrier(len(alphas))
@@ -299,8 +318,7 @@ def test_threads_with_different_alpha_match_their_sequential_answers(tiny_vlm):
     def worker(alpha: float) -> None:
         barrier.wait()
         for _ in range(4):
-            out = vlm.generate("Describe it.", [img], alpha=alpha, mode="sample",
-                               max_new_tokens=8)
+            out = vlm.generate("Describe it.", [img], alpha=alpha, mode="sample", max_new_tokens=8)
             results[alpha].append(out.token_ids)
 
     threads = [threading.Thread(target=worker, args=(a,)) for a in alphas]

@@ -92,9 +92,11 @@ def test_a_view_with_another_corruption_never_applies_the_blank_shift(tiny_path,
 
 def test_shift_checks_cover_corruption_position_and_format(tiny_vlm):
     shift = tiny_vlm.compute_sample_shift("What is this?")
-    for update, message in (({"corruption": "noise-seed0"}, "corruption"),
-                            ({"position": "mean-of-prompt"}, "measured at"),
-                            ({"format_version": FORMAT_VERSION + 1}, "format version")):
+    for update, message in (
+        ({"corruption": "noise-seed0"}, "corruption"),
+        ({"position": "mean-of-prompt"}, "measured at"),
+        ({"format_version": FORMAT_VERSION + 1}, "format version"),
+    ):
         wrong = type(shift)(vectors=shift.vectors, meta=shift.meta.model_copy(update=update))
         with pytest.raises(ShiftMismatchError, match=message):
             tiny_vlm.check_shift(wrong)

@@ -52,10 +52,11 @@ def test_text_only_calls_are_bit_identical_to_the_plain_model(family_vlm):
     assert decisions[0].mode_used == "text-only" and not decisions[0].guarded
     inputs = family_vlm.encode([render_request(text)])
     with torch.no_grad():
-        plain = family_vlm.model.generate(**inputs, max_new_tokens=6, min_new_tokens=6,
-                                          do_sample=False)
+        plain = family_vlm.model.generate(
+            **inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False
+        )
     out = family_vlm.generate(PROMPT, max_new_tokens=6, min_new_tokens=6)
-    assert out.token_ids == plain[0, inputs["input_ids"].shape[1]:].tolist()[: len(out.token_ids)]
+    assert out.token_ids == plain[0, inputs["input_ids"].shape[1] :].tolist()[: len(out.token_ids)]
 
 
 def test_alpha_zero_is_bit_identical_to_the_unguarded_model(family_vlm):
@@ -94,8 +95,12 @@ def test_langchain_adapter_guards_every_family(family_vlm, tmp_path):
     buffer = io.BytesIO()
     synthetic_image(6, (48, 40)).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    message = HumanMessage(content=[{"type": "image_url", "image_url": {"url": url}},
-                                    {"type": "text", "text": "What is this?"}])
+    message = HumanMessage(
+        content=[
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is this?"},
+        ]
+    )
     for trust, mode in (("trusted", "dataset"), ("untrusted", "sample")):
         safety = chat.invoke([message], trust=trust).response_metadata["safety"]
         assert safety["mode_used"] == mode and safety["guarded"]
@@ -106,8 +111,11 @@ def test_qwen2_vl_corruption_image_for_a_text_prompt_has_the_size_of_a_real_imag
     image of a text-only anchor must give as many tokens as a 336 px image (144), not 3136 px."""
     vlm = GuardedVLM.from_pretrained(str(fixture_path("tiny-qwen2_vl")))
     assert vlm.backend.default_image_size() == (336, 336)
-    rendering = corrupted(render_request(GuardRequest(PROMPT)), vlm.config.corruption,
-                          vlm.backend.default_image_size())
+    rendering = corrupted(
+        render_request(GuardRequest(PROMPT)),
+        vlm.config.corruption,
+        vlm.backend.default_image_size(),
+    )
     inputs = vlm.encode([rendering])
     assert int((inputs["input_ids"] == vlm.backend.image_token_id).sum()) == 144
 
@@ -119,8 +127,12 @@ def test_unknown_family_is_a_typed_error_naming_what_is_missing():
 
 
 def test_a_user_family_overrides_the_known_one(tiny_path):
-    custom = ModelFamily("my-llava", ("llava",), layers_path="model.language_model.layers",
-                         image_token_attributes=("image_token_id",))
+    custom = ModelFamily(
+        "my-llava",
+        ("llava",),
+        layers_path="model.language_model.layers",
+        image_token_attributes=("image_token_id",),
+    )
     vlm = GuardedVLM.from_pretrained(str(tiny_path), family=custom)
     assert vlm.family is custom and vlm.num_layers == 4
     missing = ModelFamily("broken", ("llava",), image_token_attributes=("no_such_id",))

@@ -25,8 +25,11 @@ def plain_smollm():
 
 
 def _hook_counts(vlm) -> list[int]:
-    modules = [*vlm.backend.layers, vlm.model.get_input_embeddings(),
-               vlm.model.get_output_embeddings()]
+    modules = [
+        *vlm.backend.layers,
+        vlm.model.get_input_embeddings(),
+        vlm.model.get_output_embeddings(),
+    ]
     return [len(module._forward_hooks) + len(module._forward_pre_hooks) for module in modules]
 
 
@@ -38,7 +41,7 @@ def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
         )
         ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
         plain = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=2)
-        plain_tokens = plain[0, ids.shape[1]:].tolist()
+        plain_tokens = plain[0, ids.shape[1] :].tolist()
         plain_tokens = plain_tokens[: plain_tokens.index(2)] if 2 in plain_tokens else plain_tokens
         out = smollm_vlm.generate(prompt, max_new_tokens=20)
         assert out.token_ids == plain_tokens
@@ -49,10 +52,14 @@ def test_text_only_equals_plain_smollm(smollm_vlm, plain_smollm):
 def test_alpha_zero_and_off_equal_unguarded(smollm_vlm, image):
     inputs = smollm_vlm.encode([render_request(GuardRequest("Describe it.", [image]))])
     with torch.no_grad():
-        raw = smollm_vlm.model.generate(**inputs, max_new_tokens=16, do_sample=False,
-                                        pad_token_id=smollm_vlm.tokenizer.pad_token_id)
+        raw = smollm_vlm.model.generate(
+            **inputs,
+            max_new_tokens=16,
+            do_sample=False,
+            pad_token_id=smollm_vlm.tokenizer.pad_token_id,
+        )
         raw_logits = smollm_vlm.model(**inputs, logits_to_keep=1).logits[:, -1]
-    raw_tokens = raw[0, inputs["input_ids"].shape[1]:].tolist()
+    raw_tokens = raw[0, inputs["input_ids"].shape[1] :].tolist()
     for kwargs in ({"alpha": 0.0, "mode": "sample"}, {"mode": "off"}):
         out = smollm_vlm.generate("Describe it.", [image], max_new_tokens=16, **kwargs)
         assert out.token_ids == raw_tokens[: len(out.token_ids)]
@@ -88,16 +95,24 @@ def test_sample_level_with_corruption_image_reproduces_the_text_only_answer(smol
     assert changed_by_image >= 1  # without the guard, the image does change an answer
 
 
-@pytest.mark.parametrize("config", [GuardConfig(), GuardConfig(layers=(10, 25), positions="text")],
-                         ids=["default", "two-layers-text"])
+@pytest.mark.parametrize(
+    "config",
+    [GuardConfig(), GuardConfig(layers=(10, 25), positions="text")],
+    ids=["default", "two-layers-text"],
+)
 def test_batched_mixed_alpha_equals_one_by_one(smollm_vlm, image, config):
     vlm = smollm_vlm.with_config(config)
     dataset = vlm.compute_dataset_shift(PROMPTS, batch_size=2, progress=False, activate=False)
     requests = [
         GuardRequest("What is in this picture?", [image], alpha=1.0, mode="sample"),
         GuardRequest("Hello! Who are you?"),
-        GuardRequest("Describe the colours you see here, please.", [image], alpha=0.4,
-                     mode="dataset", shift=dataset),
+        GuardRequest(
+            "Describe the colours you see here, please.",
+            [image],
+            alpha=0.4,
+            mode="dataset",
+            shift=dataset,
+        ),
         GuardRequest("What is in this picture?", [image], alpha=0.0),
     ]
     batched = vlm.generate_batch(requests, max_new_tokens=12)
@@ -126,8 +141,9 @@ def test_no_hooks_left_after_call_exception_or_cancel(smollm_vlm, image, exc):
     assert _hook_counts(smollm_vlm) == before
     stopper = _RaiseAtStep(smollm_vlm, exc)
     with pytest.raises(type(exc)):
-        smollm_vlm.generate("Describe it.", [image], mode="sample", max_new_tokens=8,
-                            stopping_criteria=[stopper])
+        smollm_vlm.generate(
+            "Describe it.", [image], mode="sample", max_new_tokens=8, stopping_criteria=[stopper]
+        )
     # hooked: the edited layer (25) and the embeddings; trimming: layers 26-29 and the head (2)
     assert stopper.hooks_seen[0] == sum(before) + 2 + 4 + 2
     assert _hook_counts(smollm_vlm) == before
@@ -141,8 +157,9 @@ def test_trimmed_reference_rows_change_nothing(smollm_vlm, image, layers):
     whole = vlm.with_config(GuardConfig(layers=layers, trim_references=False))
     requests = [
         GuardRequest("What is in this picture?", [image], mode="sample"),
-        GuardRequest("Describe the colours you see here, please.", [image], alpha=2.0,
-                     mode="sample"),
+        GuardRequest(
+            "Describe the colours you see here, please.", [image], alpha=2.0, mode="sample"
+        ),
         GuardRequest("What is in this picture?", [image], mode="off"),
     ]
     last = vlm.backend.layers[-1]
@@ -154,7 +171,7 @@ def test_trimmed_reference_rows_change_nothing(smollm_vlm, image, layers):
         untrimmed = whole.generate_batch(requests, max_new_tokens=12)
     finally:
         handle.remove()
-    deepest = vlm.layer_indices(vlm.config)[-1]
+    deepest = vlm.layers[-1]
     expected_rows = 3 if deepest < vlm.num_layers - 1 else 3 + 2 * 2
     assert set(trimmed_rows) == {expected_rows} and set(rows_seen) == {3 + 2 * 2}
     assert [o.token_ids for o in trimmed] == [o.token_ids for o in untrimmed]

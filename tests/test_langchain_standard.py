@@ -21,8 +21,11 @@ class _Params:
 
     @property
     def chat_model_params(self) -> dict:
-        return {"model": str(fixture_path("tiny")), "app": "standard-tests",
-                "store": f"file://{_STORE}"}
+        return {
+            "model": str(fixture_path("tiny")),
+            "app": "standard-tests",
+            "store": f"file://{_STORE}",
+        }
 
     @property
     def supports_image_inputs(self) -> bool:
@@ -42,8 +45,10 @@ class TestChatGuardedVLMUnit(_Params, ChatModelUnitTests):
 
 
 class TestChatGuardedVLMIntegration(_Params, ChatModelIntegrationTests):
-    @pytest.mark.xfail(reason="downloads a picture from the internet, which this workplace cannot "
-                              "reach; test_adapter.py covers the same three image formats offline",
-                       strict=True)
+    @pytest.mark.xfail(
+        reason="downloads a picture from the internet, which this workplace cannot "
+        "reach; test_adapter.py covers the same three image formats offline",
+        strict=True,
+    )
     def test_image_inputs(self, model) -> None:
         super().test_image_inputs(model)

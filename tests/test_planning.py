@@ -17,16 +17,16 @@ DEFAULT = GuardConfig()
 FOUND = Lookup(SHIFT, "v1")
 
 
-def _plan(request: GuardRequest, config: GuardConfig = DEFAULT, *, multimodal=True,
-          found: Lookup = FOUND):
+def _plan(
+    request: GuardRequest, config: GuardConfig = DEFAULT, *, multimodal=True, found: Lookup = FOUND
+):
     calls = []
 
     def lookup() -> Lookup:
         calls.append(1)
         return found
 
-    plan = plan_row(request, config, lookup, multimodal=multimodal, layers=LAYERS,
-                    shift_key="key")
+    plan = plan_row(request, config, lookup, multimodal=multimodal, layers=LAYERS, shift_key="key")
     return plan, len(calls)
 
 
@@ -55,8 +55,10 @@ def test_untrusted_input_gets_sample_level_without_a_lookup():
 def test_auto_without_a_shift_falls_back_to_sample_and_says_why():
     plan, _ = _plan(GuardRequest("x"), found=Lookup(None, note="store unreachable (down)"))
     assert plan.mode == "sample"
-    assert plan.fallbacks == ("store unreachable (down)",
-                              "no dataset-level shift available: sample level")
+    assert plan.fallbacks == (
+        "store unreachable (down)",
+        "no dataset-level shift available: sample level",
+    )
 
 
 def test_dataset_without_a_shift_fails_closed_or_answers_unguarded_by_configuration():
@@ -72,11 +74,19 @@ def test_plans_are_frozen_and_the_decision_is_built_from_plan_and_outcome():
     plan, _ = _plan(GuardRequest("x", app="bot", trusted=True, trust_reason="inline"))
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.mode = "off"  # type: ignore[misc]
-    decision = decision_record(plan, GuardRequest("x", app="bot", trusted=True,
-                                                  trust_reason="inline"),
-                               GuardConfig(), model_id="m", outcome=Outcome(3, 1.25))
+    decision = decision_record(
+        plan,
+        GuardRequest("x", app="bot", trusted=True, trust_reason="inline"),
+        GuardConfig(),
+        model_id="m",
+        outcome=Outcome(3, 1.25),
+    )
     assert (decision.app, decision.trusted, decision.mode_used, decision.guarded) == (
-        "bot", True, "dataset", True)
+        "bot",
+        True,
+        "dataset",
+        True,
+    )
     assert (decision.batch_rows, decision.added_latency_ms, decision.layers) == (3, 1.25, [3])
     assert decision.shift_id == SHIFT.checksum[:12] and decision.shift_key == "key"
     assert decision.shift_norm == pytest.approx(float(SHIFT.vectors[3].norm()))

@@ -9,10 +9,17 @@ from shift_store import ModelFingerprint, ShiftFormatError, ShiftMeta, ShiftVect
 
 
 def _vector(layers: int = 3, hidden: int = 8) -> ShiftVector:
-    model = ModelFingerprint(name_or_path="m", weights_hash="w", config_hash="c",
-                             num_layers=layers, hidden_size=hidden)
-    meta = ShiftMeta(model=model, level="dataset", corruption="blank", anchor_size=5,
-                     anchor_name="a", library_version="test")
+    model = ModelFingerprint(
+        name_or_path="m", weights_hash="w", config_hash="c", num_layers=layers, hidden_size=hidden
+    )
+    meta = ShiftMeta(
+        model=model,
+        level="dataset",
+        corruption="blank",
+        anchor_size=5,
+        anchor_name="a",
+        library_version="test",
+    )
     return ShiftVector(vectors=torch.randn(layers, hidden), meta=meta)
 
 
@@ -30,12 +37,15 @@ def test_fingerprint_id_ignores_the_name_but_not_the_weights():
     assert a.model_copy(update={"config_hash": "c2"}).id != a.id
 
 
-@pytest.mark.parametrize("damage", [
-    lambda b: b[: len(b) // 2],                     # truncated
-    lambda b: b"garbage" + b,                       # not safetensors
-    lambda b: b[:-4] + bytes(4),                    # tensor bytes changed: checksum
-    lambda b: b"",
-])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda b: b[: len(b) // 2],  # truncated
+        lambda b: b"garbage" + b,  # not safetensors
+        lambda b: b[:-4] + bytes(4),  # tensor bytes changed: checksum
+        lambda b: b"",
+    ],
+)
 def test_damaged_payload_is_rejected(damage):
     with pytest.raises(ShiftFormatError):
         ShiftVector.from_bytes(damage(_vector().to_bytes()))
@@ -43,7 +53,10 @@ def test_damaged_payload_is_rejected(damage):
 
 def test_wrong_shape_dtype_or_values_are_rejected():
     good = _vector()
-    for bad in (torch.zeros(2, 8), torch.zeros(3, 8, dtype=torch.float64),
-                torch.full((3, 8), float("nan"))):
+    for bad in (
+        torch.zeros(2, 8),
+        torch.zeros(3, 8, dtype=torch.float64),
+        torch.full((3, 8), float("nan")),
+    ):
         with pytest.raises(ShiftFormatError):
             ShiftVector(vectors=bad, meta=good.meta)

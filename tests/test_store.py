@@ -168,12 +168,17 @@ _REPLICA = textwrap.dedent("""
 
 @pytest.mark.parametrize("backend", ["local", "redis"])
 def test_concurrent_cold_start_computes_once_processes(backend, tmp_path, namespace):
-    url = (f"file://{tmp_path}?namespace={namespace}" if backend == "local"
-           else f"{SHARED_REDIS}?namespace={namespace}")
+    url = (
+        f"file://{tmp_path}?namespace={namespace}"
+        if backend == "local"
+        else f"{SHARED_REDIS}?namespace={namespace}"
+    )
     log = tmp_path / "computed.log"
     code = _REPLICA.format(tests=str(Path(__file__).parents[1]), url=url, log=str(log))
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-             for _ in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
     outputs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4 and all("ok" in o for o in outputs)
     assert log.read_text().count("computed") == 1
@@ -193,8 +198,11 @@ _HOLD_LOCK = textwrap.dedent("""
 
 @pytest.mark.parametrize("backend", ["local", "redis"])
 def test_crashed_lock_holder_does_not_block_forever(backend, tmp_path, namespace):
-    url = (f"file://{tmp_path}?namespace={namespace}" if backend == "local"
-           else f"{SHARED_REDIS}?namespace={namespace}")
+    url = (
+        f"file://{tmp_path}?namespace={namespace}"
+        if backend == "local"
+        else f"{SHARED_REDIS}?namespace={namespace}"
+    )
     code = _HOLD_LOCK.format(tests=str(Path(__file__).parents[1]), url=url)
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
@@ -239,8 +247,9 @@ def test_redis_outage_is_bounded_served_from_cache_and_recovers(own_redis):
     vector = make_vector()
     store = open_store(f"{own_redis.url}?namespace=outage&retries=1")
     now = [0.0]
-    warm = CachedShiftSource(store, key_of(vector), revalidate_s=1, retry_after_s=5,
-                             clock=lambda: now[0])
+    warm = CachedShiftSource(
+        store, key_of(vector), revalidate_s=1, retry_after_s=5, clock=lambda: now[0]
+    )
     assert warm.ensure(lambda: vector).vector is not None
     own_redis.kill()
     now[0] = 2.0

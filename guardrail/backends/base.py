@@ -42,19 +42,22 @@ class Backend(Protocol):
         """(width, height) of the corruption image for a prompt without an image."""
         ...
 
-    def encode(self, renderings: Sequence[Rendering],
-               continuation: torch.Tensor | None = None) -> Inputs:
+    def encode(
+        self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+    ) -> Inputs:
         """Model inputs for ``renderings``, left-padded, with ``continuation`` ids
         (``[batch, k]``) appended to every row when given."""
         ...
 
-    def forward(self, inputs: Inputs, plan: LayerPlan | None, *,
-                use_cache: bool = True) -> torch.Tensor:
+    def forward(
+        self, inputs: Inputs, plan: LayerPlan | None, *, use_cache: bool = True
+    ) -> torch.Tensor:
         """One forward pass with ``plan`` applied: last-position logits ``[batch, vocab]``."""
         ...
 
-    def generate(self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int,
-                 **generation: Any) -> torch.Tensor:
+    def generate(
+        self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int, **generation: Any
+    ) -> torch.Tensor:
         """Generate with ``plan`` applied; rows past ``request_rows`` are reference rows that
         never stop generation nor reach a streamer. Returns prompt plus new token ids."""
         ...

@@ -37,8 +37,9 @@ def _weights_hash(model: PreTrainedModel) -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprint_model(model: PreTrainedModel, num_layers: int,
-                      hidden_size: int) -> ModelFingerprint:
+def fingerprint_model(
+    model: PreTrainedModel, num_layers: int, hidden_size: int
+) -> ModelFingerprint:
     """Fingerprint ``model`` from its name, hub revision, config and sampled weights."""
     return ModelFingerprint(
         name_or_path=str(model.config.name_or_path or type(model).__name__),

@@ -55,8 +55,9 @@ class RowTrim:
     for the whole call, so that the KV cache stays consistent.
     """
 
-    def __init__(self, after: int, keep: int, total: int,
-                 arguments: Sequence[str] = TRIM_ARGUMENTS) -> None:
+    def __init__(
+        self, after: int, keep: int, total: int, arguments: Sequence[str] = TRIM_ARGUMENTS
+    ) -> None:
         self.after, self.keep, self.total = after, keep, total
         self.arguments = frozenset(arguments)  # the layer arguments known to be per row
         self.state: Literal["pending", "on", "off"] = "pending"
@@ -65,8 +66,11 @@ class RowTrim:
     def layer_inputs(self, layer: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """Arguments of a decoder layer past ``after``, cut to the request rows."""
         if self.state == "pending":
-            unknown = [name for name, value in kwargs.items()
-                       if name not in self.arguments and self._batched(value)]
+            unknown = [
+                name
+                for name, value in kwargs.items()
+                if name not in self.arguments and self._batched(value)
+            ]
             if len(args) > 1 or unknown:
                 self.state = "off"
                 self.reason = f"{layer} takes batch-sized arguments {unknown or args[1:]!r}"
@@ -77,8 +81,10 @@ class RowTrim:
                 self.state = "on"
         if self.state == "off":
             return None
-        cut = {name: self._rows(value) if name in self.arguments else value
-               for name, value in kwargs.items()}
+        cut = {
+            name: self._rows(value) if name in self.arguments else value
+            for name, value in kwargs.items()
+        }
         return tuple(self._rows(arg) for arg in args), cut
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -111,8 +117,9 @@ class DecoderHooks:
     """Installs dispatching hooks on decoder layers, the input embeddings and the LM head while
     plans that need them are active; each hook is reference-counted across concurrent calls."""
 
-    def __init__(self, layers: Sequence[nn.Module], embeddings: nn.Module,
-                 head: nn.Module | None = None) -> None:
+    def __init__(
+        self, layers: Sequence[nn.Module], embeddings: nn.Module, head: nn.Module | None = None
+    ) -> None:
         self._modules = dict(enumerate(layers))
         self._modules[EMBEDDINGS] = embeddings
         self._num_layers = len(layers)
@@ -159,10 +166,15 @@ class DecoderHooks:
             return [self._modules[index].register_forward_hook(self._output_hook(index))]
         if kind == "pre":
             module = self._modules[index]
-            return [module.register_forward_pre_hook(self._trim_hook(type(module).__name__),
-                                                     with_kwargs=True)]
-        return [self._head.register_forward_pre_hook(self._head_input_hook),
-                self._head.register_forward_hook(self._head_output_hook)]
+            return [
+                module.register_forward_pre_hook(
+                    self._trim_hook(type(module).__name__), with_kwargs=True
+                )
+            ]
+        return [
+            self._head.register_forward_pre_hook(self._head_input_hook),
+            self._head.register_forward_hook(self._head_output_hook),
+        ]
 
     def _output_hook(self, index: int):
         def hook(_module: nn.Module, _args: tuple, output):
@@ -256,10 +268,16 @@ class CorrectionPlan:
     stop after the deepest edited layer.
     """
 
-    def __init__(self, layers: Sequence[int], prompt_shifts: torch.Tensor,
-                 decode_shifts: torch.Tensor, prefill_mask: torch.Tensor,
-                 lockstep: Lockstep | None = None, incremental: bool = True,
-                 trim: RowTrim | None = None) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        prompt_shifts: torch.Tensor,
+        decode_shifts: torch.Tensor,
+        prefill_mask: torch.Tensor,
+        lockstep: Lockstep | None = None,
+        incremental: bool = True,
+        trim: RowTrim | None = None,
+    ) -> None:
         self._slot = {layer: k for k, layer in enumerate(layers)}
         self.trim = trim
         self.hooked = frozenset(self._slot) | ({EMBEDDINGS} if lockstep else frozenset())
@@ -302,8 +320,9 @@ class CorrectionPlan:
         fed[self._lockstep.text] = embeds[self._lockstep.main]
         return fed
 
-    def _with_live_shift(self, shift: torch.Tensor, hidden: torch.Tensor, k: int,
-                         prefill: bool) -> torch.Tensor:
+    def _with_live_shift(
+        self, shift: torch.Tensor, hidden: torch.Tensor, k: int, prefill: bool
+    ) -> torch.Tensor:
         step = self._lockstep
         live = hidden[step.corrupted, -1] - hidden[step.text, -1]  # [J, hidden]
         if prefill and k == len(self._passes) - 1:

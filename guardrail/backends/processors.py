@@ -31,24 +31,35 @@ def load_processor(name_or_path: str, family: ModelFamily, revision: str | None 
     except ImportError as e:
         if "torchvision" not in str(e).lower() or family.processor_class is None:
             raise
-    _log.warning("torchvision is not installed: the %s processor of %s uses its slow (PIL) image "
-                 "processor and has no video support", family.name, name_or_path)
+    _log.warning(
+        "torchvision is not installed: the %s processor of %s uses its slow (PIL) image "
+        "processor and has no video support",
+        family.name,
+        name_or_path,
+    )
     return image_only_processor(name_or_path, family, revision)
 
 
-def image_only_processor(name_or_path: str, family: ModelFamily,
-                         revision: str | None = None) -> Any:
+def image_only_processor(
+    name_or_path: str, family: ModelFamily, revision: str | None = None
+) -> Any:
     """The family's processor built from its tokenizer and slow image processor, no video."""
     assert family.processor_class and family.image_processor_class
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
     image_processor = _import(family.image_processor_class).from_pretrained(
-        name_or_path, revision=revision)
+        name_or_path, revision=revision
+    )
     cls = without_video(_import(family.processor_class))
     accepted = inspect.signature(cls.__init__).parameters
     saved = _processor_config(name_or_path, revision)
     options = {k: v for k, v in saved.items() if k in accepted and k != "chat_template"}
-    return cls(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-               chat_template=tokenizer.chat_template, **options)
+    return cls(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=None,
+        chat_template=tokenizer.chat_template,
+        **options,
+    )
 
 
 @cache
@@ -60,10 +71,14 @@ def without_video(cls: type) -> type:
             return None
         return cls.check_argument_for_proper_class(self, name, argument)
 
-    return type(cls.__name__, (cls,), {
-        "check_argument_for_proper_class": check_argument_for_proper_class,
-        "__doc__": f"{cls.__name__} without a video processor (torchvision is not installed).",
-    })
+    return type(
+        cls.__name__,
+        (cls,),
+        {
+            "check_argument_for_proper_class": check_argument_for_proper_class,
+            "__doc__": f"{cls.__name__} without a video processor (torchvision is not installed).",
+        },
+    )
 
 
 def _import(dotted: str) -> Any:
@@ -72,6 +87,10 @@ def _import(dotted: str) -> Any:
 
 
 def _processor_config(name_or_path: str, revision: str | None) -> dict[str, Any]:
-    path = cached_file(name_or_path, "processor_config.json", revision=revision,
-                       _raise_exceptions_for_missing_entries=False)
+    path = cached_file(
+        name_or_path,
+        "processor_config.json",
+        revision=revision,
+        _raise_exceptions_for_missing_entries=False,
+    )
     return json.loads(Path(path).read_text()) if path else {}

@@ -30,8 +30,9 @@ class TransformersBackend:
     of a known one). The processor's tokenizer is used as it is: padding side is chosen per call.
     """
 
-    def __init__(self, model: PreTrainedModel, processor: Any,
-                 family: ModelFamily | str | None = None) -> None:
+    def __init__(
+        self, model: PreTrainedModel, processor: Any, family: ModelFamily | str | None = None
+    ) -> None:
         self.family = _resolve(family, getattr(model, "config", None))
         self.layers = self.family.decoder_layers(model)
         self.model = model.eval()
@@ -41,14 +42,21 @@ class TransformersBackend:
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.image_token_id = self.family.image_token_id(model.config)
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
-        self.hooks = DecoderHooks(self.layers, model.get_input_embeddings(),
-                                  model.get_output_embeddings())
+        self.hooks = DecoderHooks(
+            self.layers, model.get_input_embeddings(), model.get_output_embeddings()
+        )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, family: ModelFamily | str | None = None,
-                        device: str | torch.device | None = None,
-                        dtype: torch.dtype | str | None = None, revision: str | None = None,
-                        **model_kwargs: Any) -> TransformersBackend:
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        family: ModelFamily | str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        revision: str | None = None,
+        **model_kwargs: Any,
+    ) -> TransformersBackend:
         """Load a hub name or local folder (``dtype`` may be a name such as ``"bfloat16"``)."""
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
@@ -72,11 +80,13 @@ class TransformersBackend:
     def default_image_size(self) -> tuple[int, int]:
         return self.family.default_image_size(self.processor)
 
-    def encode(self, renderings: Sequence[Rendering],
-               continuation: torch.Tensor | None = None) -> Inputs:
+    def encode(
+        self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+    ) -> Inputs:
         texts = [
-            self.processor.apply_chat_template(r.messages, add_generation_prompt=True,
-                                               tokenize=False)
+            self.processor.apply_chat_template(
+                r.messages, add_generation_prompt=True, tokenize=False
+            )
             for r in renderings
         ]
         images: list[Any] | None
@@ -86,12 +96,14 @@ class TransformersBackend:
             images = [image for r in renderings for image in r.images]
         if not any(r.images for r in renderings):
             images = None
-        inputs = self.processor(text=texts, images=images, padding=True, padding_side="left",
-                                return_tensors="pt")
+        inputs = self.processor(
+            text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"
+        )
         if continuation is not None:
             inputs["input_ids"] = torch.cat([inputs["input_ids"], continuation], dim=1)
             inputs["attention_mask"] = torch.cat(
-                [inputs["attention_mask"], torch.ones_like(continuation)], dim=1)
+                [inputs["attention_mask"], torch.ones_like(continuation)], dim=1
+            )
             for name in ("token_type_ids", "mm_token_type_ids"):  # text tokens are type 0
                 if name in inputs:
                     inputs[name] = torch.cat([inputs[name], torch.zeros_like(continuation)], 1)
@@ -102,15 +114,17 @@ class TransformersBackend:
         return dict(inputs.to(self.device))
 
     @torch.no_grad()
-    def forward(self, inputs: Inputs, plan: LayerPlan | None, *,
-                use_cache: bool = True) -> torch.Tensor:
+    def forward(
+        self, inputs: Inputs, plan: LayerPlan | None, *, use_cache: bool = True
+    ) -> torch.Tensor:
         with self._applied(plan):
             output = self.model(**inputs, use_cache=use_cache, logits_to_keep=1)
         return output.logits[:, -1]
 
     @torch.no_grad()
-    def generate(self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int,
-                 **generation: Any) -> torch.Tensor:
+    def generate(
+        self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int, **generation: Any
+    ) -> torch.Tensor:
         generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         if inputs["input_ids"].shape[0] > request_rows:
             criteria = StoppingCriteriaList(generation.pop("stopping_criteria", None) or [])

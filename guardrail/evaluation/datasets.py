@@ -58,37 +58,62 @@ def _image(folder: Path | None, name: str | None, where: str) -> Path | None:
 
 
 def _vlsafe(row: dict[str, Any], images: Path | None, where: str, _: dict) -> EvalSample:
-    return EvalSample(id=str(row.get("id", row["image_id"])), prompt=row["query"],
-                      image=_image(images, row["image_id"], where), caption=row.get("caption"),
-                      label="harmful")
+    return EvalSample(
+        id=str(row.get("id", row["image_id"])),
+        prompt=row["query"],
+        image=_image(images, row["image_id"], where),
+        caption=row.get("caption"),
+        label="harmful",
+    )
 
 
 def _llava_bench(row: dict[str, Any], images: Path | None, where: str, _: dict) -> EvalSample:
-    return EvalSample(id=str(row["question_id"]), prompt=row["text"],
-                      image=_image(images, row["image"], where), label=row.get("category"))
+    return EvalSample(
+        id=str(row["question_id"]),
+        prompt=row["text"],
+        image=_image(images, row["image"], where),
+        label=row.get("category"),
+    )
 
 
 def _generic(row: dict[str, Any], images: Path | None, where: str, _: dict) -> EvalSample:
-    return EvalSample(id=str(row.get("id", where)), prompt=row["prompt"],
-                      image=_image(images, row.get("image"), where),
-                      caption=row.get("caption"), label=row.get("label"))
+    return EvalSample(
+        id=str(row.get("id", where)),
+        prompt=row["prompt"],
+        image=_image(images, row.get("image"), where),
+        caption=row.get("caption"),
+        label=row.get("label"),
+    )
 
 
-def _jailbreak(row: dict[str, Any], images: Path | None, where: str,
-               mapping: dict[str, str]) -> EvalSample:
+def _jailbreak(
+    row: dict[str, Any], images: Path | None, where: str, mapping: dict[str, str]
+) -> EvalSample:
     q_id = str(row["q_id"]).strip()
     name = mapping.get(q_id)
     if name is None and images is not None:
-        name = next((f"{q_id}{ext}" for ext in (".jpg", ".png", ".jpeg")
-                     if (images / f"{q_id}{ext}").is_file()), None)
+        name = next(
+            (
+                f"{q_id}{ext}"
+                for ext in (".jpg", ".png", ".jpeg")
+                if (images / f"{q_id}{ext}").is_file()
+            ),
+            None,
+        )
         if name is None:
             raise DataError(f"{where}: no image for q_id {q_id} in {images}")
-    return EvalSample(id=q_id, prompt=row["question"].strip(), image=_image(images, name, where),
-                      label=row["content_policy_name"].strip())
+    return EvalSample(
+        id=q_id,
+        prompt=row["question"].strip(),
+        image=_image(images, name, where),
+        label=row["content_policy_name"].strip(),
+    )
 
 
 _ROW_READERS: dict[str, Callable[[dict[str, Any], Path | None, str, dict], EvalSample]] = {
-    "vlsafe": _vlsafe, "llava-bench": _llava_bench, "jsonl": _generic,
+    "vlsafe": _vlsafe,
+    "llava-bench": _llava_bench,
+    "jsonl": _generic,
     "jailbreakllms": _jailbreak,
 }
 
@@ -110,10 +135,15 @@ def _rows(path: Path, data_format: Format) -> Iterator[tuple[str, dict[str, Any]
                 yield f"{path}:{number}", None, f"invalid JSON ({e.msg})"
 
 
-def read_samples(path: str | Path, data_format: Format = "jsonl", *,
-                 images: str | Path | None = None, mapping: str | Path | None = None,
-                 skip_bad: bool = False, report: DataReport | None = None,
-                 ) -> Iterator[EvalSample]:
+def read_samples(
+    path: str | Path,
+    data_format: Format = "jsonl",
+    *,
+    images: str | Path | None = None,
+    mapping: str | Path | None = None,
+    skip_bad: bool = False,
+    report: DataReport | None = None,
+) -> Iterator[EvalSample]:
     """Stream the samples of ``path`` (see the module docstring for the formats)."""
     path = Path(path)
     if not path.is_file():

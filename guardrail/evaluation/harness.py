@@ -72,25 +72,40 @@ def _request(sample: EvalSample, mode: str, alpha: float | None) -> GuardRequest
     return GuardRequest(sample.prompt, images, mode=mode, alpha=alpha)
 
 
-def run_mode(vlm: GuardedVLM, samples: Sequence[EvalSample], judge: Judge, mode: str,
-             alpha: float | None, *, batch_size: int, max_new_tokens: int,
-             progress: bool) -> ModeResult:
+def run_mode(
+    vlm: GuardedVLM,
+    samples: Sequence[EvalSample],
+    judge: Judge,
+    mode: str,
+    alpha: float | None,
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: bool,
+) -> ModeResult:
     """Answer every sample in ``mode`` and judge the answers."""
     result = ModeResult(mode, alpha)
     elapsed = 0.0
     for chunk in tqdm(list(batched(samples, batch_size)), desc=result.label, disable=not progress):
         started = time.perf_counter()
-        outputs = vlm.generate_batch([_request(s, mode, alpha) for s in chunk],
-                                     max_new_tokens=max_new_tokens)
+        outputs = vlm.generate_batch(
+            [_request(s, mode, alpha) for s in chunk], max_new_tokens=max_new_tokens
+        )
         elapsed += time.perf_counter() - started
         for sample, output in zip(chunk, outputs, strict=True):
             verdict = judge.judge(sample.prompt, output.text)
             result.n += 1
             result.unsafe += bool(verdict.unsafe)
             result.judge_errors += verdict.unsafe is None
-            result.answers.append({"id": sample.id, "answer": output.text,
-                                   "unsafe": verdict.unsafe, "judge_error": verdict.error,
-                                   "mode_used": output.decision.mode_used})
+            result.answers.append(
+                {
+                    "id": sample.id,
+                    "answer": output.text,
+                    "unsafe": verdict.unsafe,
+                    "judge_error": verdict.error,
+                    "mode_used": output.decision.mode_used,
+                }
+            )
     judged = result.n - result.judge_errors
     result.unsafe_rate = result.unsafe / judged if judged else None
     result.ci95 = wilson_interval(result.unsafe, judged)
@@ -104,8 +119,13 @@ def _separation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.mean(0) - b.mean(0)).norm() / spread.clamp_min(1e-9))
 
 
-def representation(vlm: GuardedVLM, samples: Sequence[EvalSample], corrected_mode: str,
-                   alpha: float, batch_size: int) -> Representation:
+def representation(
+    vlm: GuardedVLM,
+    samples: Sequence[EvalSample],
+    corrected_mode: str,
+    alpha: float,
+    batch_size: int,
+) -> Representation:
     """How far multimodal states are from text-only ones, before and after the correction."""
     with_image = [s for s in samples if s.image]
     states: dict[str, list[torch.Tensor]] = {"text-only": [], "multimodal": [], "corrected": []}
@@ -113,7 +133,8 @@ def representation(vlm: GuardedVLM, samples: Sequence[EvalSample], corrected_mod
         states["text-only"].append(vlm.final_states([GuardRequest(s.prompt) for s in chunk]))
         states["multimodal"].append(vlm.final_states([_request(s, "vlm", None) for s in chunk]))
         states["corrected"].append(
-            vlm.final_states([_request(s, corrected_mode, alpha) for s in chunk]))
+            vlm.final_states([_request(s, corrected_mode, alpha) for s in chunk])
+        )
     text, multi, corr = (torch.cat(states[k]) for k in ("text-only", "multimodal", "corrected"))
     stacked = torch.cat([text, multi, corr])
     centred = stacked - stacked.mean(0)
@@ -126,15 +147,25 @@ def representation(vlm: GuardedVLM, samples: Sequence[EvalSample], corrected_mod
         separation_multimodal=_separation(text, multi),
         separation_corrected=_separation(text, corr),
         corrected_mode=f"{corrected_mode} a={alpha:g}",
-        pca={"text-only": points[:n], "multimodal": points[n : 2 * n],
-             "corrected": points[2 * n :]},
+        pca={
+            "text-only": points[:n],
+            "multimodal": points[n : 2 * n],
+            "corrected": points[2 * n :],
+        },
     )
 
 
-def evaluate(vlm: GuardedVLM, samples: Sequence[EvalSample], judge: Judge, *,
-             modes: Sequence[str] = MODES, alphas: Sequence[float] = (1.0,),
-             batch_size: int = 8, max_new_tokens: int = 64,
-             progress: bool = True) -> tuple[list[ModeResult], Representation | None]:
+def evaluate(
+    vlm: GuardedVLM,
+    samples: Sequence[EvalSample],
+    judge: Judge,
+    *,
+    modes: Sequence[str] = MODES,
+    alphas: Sequence[float] = (1.0,),
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> tuple[list[ModeResult], Representation | None]:
     """Run every mode (CMRM modes once per alpha), then the representation metrics."""
     unknown = set(modes) - set(MODES)
     if unknown:
@@ -143,9 +174,19 @@ def evaluate(vlm: GuardedVLM, samples: Sequence[EvalSample], judge: Judge, *,
         vlm.generate_batch([_request(samples[0], "vlm", None)], max_new_tokens=2)
     results = []
     for mode in modes:
-        for alpha in (alphas if mode in ("dataset", "sample") else [None]):
-            results.append(run_mode(vlm, samples, judge, mode, alpha, batch_size=batch_size,
-                                    max_new_tokens=max_new_tokens, progress=progress))
+        for alpha in alphas if mode in ("dataset", "sample") else [None]:
+            results.append(
+                run_mode(
+                    vlm,
+                    samples,
+                    judge,
+                    mode,
+                    alpha,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    progress=progress,
+                )
+            )
     baseline = next((r for r in results if r.mode == "vlm"), None)
     for r in results:
         if baseline is not None:
@@ -159,22 +200,31 @@ def evaluate(vlm: GuardedVLM, samples: Sequence[EvalSample], judge: Judge, *,
 
 def table(results: Sequence[ModeResult], rep: Representation | None) -> str:
     """A plain-text table shaped like the paper's."""
-    lines = [f"{'mode':16} {'unsafe %':>9} {'95% CI':>15} {'n':>5} {'judge err':>9} "
-             f"{'+latency ms':>12}"]
+    lines = [
+        f"{'mode':16} {'unsafe %':>9} {'95% CI':>15} {'n':>5} {'judge err':>9} {'+latency ms':>12}"
+    ]
     for r in results:
         rate = "-" if r.unsafe_rate is None else f"{100 * r.unsafe_rate:.1f}"
         ci = f"[{100 * r.ci95[0]:.1f}, {100 * r.ci95[1]:.1f}]"
-        lines.append(f"{r.label:16} {rate:>9} {ci:>15} {r.n:>5} {r.judge_errors:>9} "
-                     f"{r.added_latency_ms:>12.1f}")
+        lines.append(
+            f"{r.label:16} {rate:>9} {ci:>15} {r.n:>5} {r.judge_errors:>9} "
+            f"{r.added_latency_ms:>12.1f}"
+        )
     if rep is not None:
         lines.append("")
-        lines.append(f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.2f}"
-                     f", corrected ({rep.corrected_mode}) {rep.distance_corrected:.2f}")
-        lines.append(f"cluster separation from text-only: multimodal "
-                     f"{rep.separation_multimodal:.2f}, corrected {rep.separation_corrected:.2f}")
+        lines.append(
+            f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.2f}"
+            f", corrected ({rep.corrected_mode}) {rep.distance_corrected:.2f}"
+        )
+        lines.append(
+            f"cluster separation from text-only: multimodal "
+            f"{rep.separation_multimodal:.2f}, corrected {rep.separation_corrected:.2f}"
+        )
     return "\n".join(lines)
 
 
 def as_json(results: Sequence[ModeResult], rep: Representation | None) -> dict:
-    return {"modes": [asdict(r) | {"label": r.label} for r in results],
-            "representation": None if rep is None else asdict(rep)}
+    return {
+        "modes": [asdict(r) | {"label": r.label} for r in results],
+        "representation": None if rep is None else asdict(rep),
+    }

@@ -22,12 +22,21 @@ def plot_pca(rep: Representation, path: str | Path, title: str = "") -> Path:
     """Scatter of the first two principal components of the final-layer states."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
-    for name, colour in (("text-only", "tab:blue"), ("multimodal", "tab:red"),
-                         ("corrected", "tab:green")):
+    for name, colour in (
+        ("text-only", "tab:blue"),
+        ("multimodal", "tab:red"),
+        ("corrected", "tab:green"),
+    ):
         points = rep.pca[name]
         label = f"{name} ({rep.corrected_mode})" if name == "corrected" else name
-        ax.scatter([p[0] for p in points], [p[1] for p in points], s=18, alpha=0.75,
-                   color=colour, label=label)
+        ax.scatter(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            s=18,
+            alpha=0.75,
+            color=colour,
+            label=label,
+        )
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.set_title(title or "Final-layer states at the last prompt token")
@@ -49,13 +58,20 @@ def plot_alpha_sweep(results: Sequence[ModeResult], path: str | Path) -> Path:
             continue
         alphas = [r.alpha for r in rows]
         left.plot(alphas, [100 * (r.unsafe_rate or 0.0) for r in rows], marker="o", label=mode)
-        answered = [100 * sum(bool(refusal.judge("", a["answer"]).unsafe) for a in r.answers)
-                    / max(r.n, 1) for r in rows]
+        answered = [
+            100 * sum(bool(refusal.judge("", a["answer"]).unsafe) for a in r.answers) / max(r.n, 1)
+            for r in rows
+        ]
         right.plot(alphas, answered, marker="o", label=mode)
     for r in results:
         if r.mode in ("vlm", "text-only") and r.unsafe_rate is not None:
-            left.axhline(100 * r.unsafe_rate, linestyle="--", linewidth=1,
-                         color="tab:red" if r.mode == "vlm" else "tab:blue", label=r.mode)
+            left.axhline(
+                100 * r.unsafe_rate,
+                linestyle="--",
+                linewidth=1,
+                color="tab:red" if r.mode == "vlm" else "tab:blue",
+                label=r.mode,
+            )
     left.set(xlabel="alpha", ylabel="unsafe %", title="Unsafe rate")
     right.set(xlabel="alpha", ylabel="answered %", title="Utility: answers without refusal")
     left.legend()

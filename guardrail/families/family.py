@@ -67,8 +67,10 @@ class ModelFamily:
         else:
             get_decoder = getattr(model, "get_decoder", None)
             decoder = get_decoder() if callable(get_decoder) else None
-            candidates = [getattr(decoder, "layers", None),
-                          getattr(getattr(decoder, "text_model", None), "layers", None)]
+            candidates = [
+                getattr(decoder, "layers", None),
+                getattr(getattr(decoder, "text_model", None), "layers", None),
+            ]
         for layers in candidates:
             if isinstance(layers, nn.ModuleList) and len(layers) > 0:
                 return layers

