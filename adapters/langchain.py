@@ -39,10 +39,11 @@ class ChatGuardedVLM(BaseChatModel):
     """A local vision-language model behind CMRM, as a LangChain chat model.
 
     ``model`` is a hub name or local folder; several instances with different ``app`` and
-    ``alpha`` share one loaded model. ``store`` is a shift store URL (None: the embedded folder
-    store); the store namespace is ``app``. The dataset-level shift is looked up under
-    ``anchor_name`` and, on a miss, computed from ``anchors`` (default: the bundled set).
-    ``trust_policy`` is one of ``always-trusted``,
+    ``alpha`` share one loaded model. ``family`` names its model family when the checkpoint's
+    ``model_type`` does not (see ``guardrail.families``). ``store`` is a shift store URL
+    (None: the embedded folder store); the store namespace is ``app``. The dataset-level
+    shift is looked up under ``anchor_name`` and, on a miss, computed from ``anchors``
+    (default: the bundled set). ``trust_policy`` is one of ``always-trusted``,
     ``always-untrusted``, ``image-source``, ``anchor-distance`` or your own
     :class:`~guardrail.trust.TrustPolicy`; ``invoke(..., trust="untrusted")`` overrides it.
     """
@@ -65,6 +66,7 @@ class ChatGuardedVLM(BaseChatModel):
     top_p: float = 1.0
     device: str | None = None
     dtype: str | None = None
+    family: str | None = None
     allow_image_hosts: list[str] | None = None
     allow_image_networks: list[str] = Field(default_factory=list)
     max_image_bytes: int = 10_000_000
@@ -77,7 +79,7 @@ class ChatGuardedVLM(BaseChatModel):
     _coalescer: RequestCoalescer = PrivateAttr()
 
     def model_post_init(self, _context: Any) -> None:
-        base = shared_model(self.model, self.device, self.dtype)
+        base = shared_model(self.model, self.device, self.dtype, self.family)
         config = GuardConfig(
             alpha=self.alpha, mode=self.mode, layers=self.layers, on_unavailable=self.on_unavailable
         )

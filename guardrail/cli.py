@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from guardrail.anchors import BUNDLED_ANCHORS
-from guardrail.config import GuardConfig
+from guardrail.config import CorruptionSpec, GuardConfig
 from guardrail.engine import GuardedVLM
 from guardrail.errors import GuardrailError
-from guardrail.evaluation.datasets import DataReport, EvalSample, read_samples
+from guardrail.evaluation.datasets import DataReport, EvalSample, Format, read_samples
+from guardrail.families import FAMILIES
 from guardrail.requests import GuardRequest
 from shift_store import ShiftKey, open_store
 
@@ -84,7 +85,8 @@ def demo(args: argparse.Namespace) -> int:
         rep = representation(vlm, samples, "dataset", vlm.config.alpha, batch_size=8)
     finally:
         for sample in samples:
-            sample.image.unlink(missing_ok=True)
+            if sample.image is not None:
+                sample.image.unlink(missing_ok=True)
     print(
         f"final-layer distance to text-only: multimodal {rep.distance_multimodal:.1f}, "
         f"corrected {rep.distance_corrected:.1f}; cluster separation: "
@@ -111,7 +113,7 @@ _SHOWN = {
 
 def _requests(
     path: str,
-    data_format: str,
+    data_format: Format,
     images: str | None,
     mapping: str | None,
     skip_bad: bool,
@@ -131,9 +133,9 @@ def calibrate(args: argparse.Namespace) -> int:
     """Compute the dataset-level shift of a model on an anchor file and store it."""
     report = DataReport()
     samples = _requests(args.anchor, args.format, args.images, args.mapping, args.skip_bad, report)
-    config = GuardConfig(corruption={"kind": args.corruption, "seed": args.seed})
+    config = GuardConfig(corruption=CorruptionSpec(kind=args.corruption, seed=args.seed))
     vlm = GuardedVLM.from_pretrained(
-        args.model, config=config, device=args.device, dtype=args.dtype
+        args.model, config=config, family=args.family, device=args.device, dtype=args.dtype
     )
     store = open_store(args.store, namespace=args.app)
     name = args.anchor_name or Path(args.anchor).stem
@@ -162,7 +164,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     report = DataReport()
     samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad, report)
-    vlm = GuardedVLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    vlm = GuardedVLM.from_pretrained(
+        args.model, family=args.family, device=args.device, dtype=args.dtype
+    )
     modes = args.modes.split(",")
     if "dataset" in modes:
         lookup = vlm.use_store(
@@ -200,7 +204,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
 def chat(args: argparse.Namespace) -> int:
     """One guarded answer and its decision."""
     config = GuardConfig(alpha=args.alpha, mode=args.mode)
-    vlm = GuardedVLM.from_pretrained(args.model, config=config, device=args.device)
+    vlm = GuardedVLM.from_pretrained(
+        args.model, config=config, family=args.family, device=args.device
+    )
     out = vlm.generate(args.prompt, args.image, max_new_tokens=args.max_new_tokens)
     print(out.text)
     print(out.decision.model_dump_json(indent=2), file=sys.stderr)
@@ -216,8 +222,18 @@ def _data_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed rows")
 
 
-def _model_options(p: argparse.ArgumentParser) -> None:
+def _model_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="hub name or local folder")
+    p.add_argument(
+        "--family",
+        default=None,
+        choices=[family.name for family in FAMILIES],
+        help="model family (default: found from the checkpoint's model_type)",
+    )
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    _model_option(p)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, help="for example bfloat16")
     p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
@@ -256,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", default="cmrm-demo-pca.png", help="where to write the PCA picture")
     p.set_defaults(func=demo)
     p = commands.add_parser("chat", help="one guarded answer plus its decision")
-    p.add_argument("--model", required=True, help="hub name or local folder")
+    _model_option(p)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     p.add_argument("--alpha", type=float, default=1.0)
     p.add_argument("--mode", default="sample", choices=["auto", "dataset", "sample", "off"])
@@ -271,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
-        return args.func(args)
+        return int(args.func(args))
     except (GuardrailError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, Field
-
-from guardrail.config import GuardConfig
 
 DECISION_LOGGER = logging.getLogger("guardrail.decisions")
 
@@ -51,23 +47,3 @@ def log_decision(decision: GuardDecision) -> None:
     """Emit ``decision`` as one JSON line on the ``guardrail.decisions`` logger."""
     level = logging.INFO if decision.guarded or not decision.multimodal else logging.WARNING
     DECISION_LOGGER.log(level, decision.model_dump_json())
-
-
-def refusal_record(
-    error: Exception, config: GuardConfig, layers: Sequence[int], model_id: str, app: str | None
-) -> GuardDecision:
-    """The decision record of a call refused as bad input (nothing was generated)."""
-    return GuardDecision(
-        call_id=uuid.uuid4().hex,
-        app=app,
-        model=model_id,
-        multimodal=True,
-        guarded=False,
-        mode_requested=config.mode,
-        mode_used="refused",
-        alpha=config.alpha,
-        layers=list(layers),
-        positions=config.positions,
-        stacking=config.stacking,
-        reason=f"input refused: {type(error).__name__}: {error}",
-    )

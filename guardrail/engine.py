@@ -11,19 +11,21 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from guardrail import calibration
 from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
-from guardrail.backends import Backend, Inputs, TransformersBackend
+from guardrail.backends import Backend, Inputs, Processor, TransformersBackend
 from guardrail.backends.hooks import CapturePlan, ChainedPlan
 from guardrail.batching import PreparedBatch, prepare_batch
 from guardrail.config import GuardConfig, Mode
-from guardrail.decision import GuardDecision, log_decision, refusal_record
+from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidInputError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
 from guardrail.outputs import GuardedOutput, answers
-from guardrail.planning import Outcome, RowPlan, decision_record, plan_row
+from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
 from guardrail.requests import GuardRequest, Rendering, render_request, text_only
 from guardrail.shifts import DatasetShifts, ShiftRequirements
 from guardrail.trust import AnchorStats
@@ -83,8 +85,8 @@ class GuardedVLM:
     @classmethod
     def from_model(
         cls,
-        model: Any,
-        processor: Any,
+        model: PreTrainedModel,
+        processor: Processor,
         config: GuardConfig | None = None,
         *,
         family: ModelFamily | str | None = None,
@@ -98,18 +100,17 @@ class GuardedVLM:
         return GuardedVLM(self.backend, config, self.shifts)
 
     @property
-    def model(self) -> Any:
-        """The backend's model object (a transformers ``PreTrainedModel`` for the default
-        backend)."""
-        return getattr(self.backend, "model", None)
+    def model(self) -> nn.Module:
+        """The backend's model (a transformers ``PreTrainedModel`` for the default backend)."""
+        return self.backend.model
 
     @property
-    def processor(self) -> Any:
+    def processor(self) -> Processor | None:
         """The backend's processor (chat template, tokenizer and image processor)."""
         return getattr(self.backend, "processor", None)
 
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         return self.backend.tokenizer
 
     @property

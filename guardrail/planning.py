@@ -4,7 +4,7 @@ decision record built from that plan and what happened."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from guardrail.config import GuardConfig
@@ -147,4 +147,24 @@ def decision_record(
         reason=plan.reason,
         added_latency_ms=round(outcome.added_latency_ms, 3) if plan.guarded else 0.0,
         **shift_fields,  # type: ignore[arg-type]
+    )
+
+
+def refusal_record(
+    error: Exception, config: GuardConfig, layers: Sequence[int], model_id: str, app: str | None
+) -> GuardDecision:
+    """The decision record of a call refused as bad input (nothing was generated)."""
+    return GuardDecision(
+        call_id=uuid.uuid4().hex,
+        app=app,
+        model=model_id,
+        multimodal=True,
+        guarded=False,
+        mode_requested=config.mode,
+        mode_used="refused",
+        alpha=config.alpha,
+        layers=list(layers),
+        positions=config.positions,
+        stacking=config.stacking,
+        reason=f"input refused: {type(error).__name__}: {error}",
     )

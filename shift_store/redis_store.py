@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -64,10 +64,11 @@ class RedisShiftStore:
         where = kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}"
         return f"RedisShiftStore({where!r}, namespace={self.namespace!r})"
 
-    def _key(self, key: ShiftKey) -> str:
+    def redis_key(self, key: ShiftKey) -> str:
+        """The name of the Redis hash that holds ``key`` (for operators and tests)."""
         return f"{self._prefix}shift:{key.name}"
 
-    def _call(self, what: str, fn, *args: Any, **kwargs: Any):
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (RedisConnectionError, RedisTimeoutError) as e:
@@ -76,27 +77,27 @@ class RedisShiftStore:
             raise StoreUnavailableError(f"redis error during {what}: {e}") from e
 
     def version(self, key: ShiftKey) -> str | None:
-        value = self._call("version", self.client.hget, self._key(key), "sha256")
+        value = self._call("version", self.client.hget, self.redis_key(key), "sha256")
         return value.decode() if value else None
 
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
-        fields = self._call("get", self.client.hmget, self._key(key), ["payload", "sha256"])
+        fields = self._call("get", self.client.hmget, self.redis_key(key), ["payload", "sha256"])
         payload, version = fields
         if payload is None:
             return None
         try:
             vector = ShiftVector.from_bytes(payload)
         except ShiftFormatError as e:
-            log.warning("rejected shift under %s: %s", self._key(key), e)
+            log.warning("rejected shift under %s: %s", self.redis_key(key), e)
             raise
         if version is None or vector.checksum != version.decode():
-            log.warning("rejected shift under %s: version field does not match", self._key(key))
+            log.warning("rejected shift under %s: version does not match", self.redis_key(key))
             raise ShiftFormatError("stored version does not match the payload checksum")
         return vector, version.decode()
 
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
-        name = self._key(key)
-        mapping = {
+        name = self.redis_key(key)
+        mapping: dict[bytes | bytearray | memoryview | str | int | float, bytes | str] = {
             "payload": vector.to_bytes(),
             "meta": vector.meta.model_dump_json(),
             "sha256": vector.checksum,
@@ -110,7 +111,7 @@ class RedisShiftStore:
         return vector.checksum
 
     def delete(self, key: ShiftKey) -> bool:
-        return bool(self._call("delete", self.client.delete, self._key(key)))
+        return bool(self._call("delete", self.client.delete, self.redis_key(key)))
 
     def list(self) -> list[StoredShift]:
         entries = []

@@ -104,7 +104,8 @@ class ShiftVector:
     @property
     def norms(self) -> torch.Tensor:
         """L2 norm of each layer's vector."""
-        return self.vectors.norm(dim=-1)
+        norms: torch.Tensor = self.vectors.norm(dim=-1)
+        return norms
 
     def to_bytes(self) -> bytes:
         """Serialize as safetensors, metadata and checksum inside. Never pickle."""
@@ -135,7 +136,8 @@ def _safetensors_metadata(payload: bytes) -> dict[str, str]:
     size = int.from_bytes(payload[:8], "little")
     if len(payload) < 8 or size <= 0 or size > len(payload) - 8:
         raise ShiftFormatError("truncated safetensors header")
-    return json.loads(payload[8 : 8 + size]).get("__metadata__", {})
+    metadata: dict[str, str] = json.loads(payload[8 : 8 + size]).get("__metadata__", {})
+    return metadata
 
 
 def read_meta(stream: BinaryIO) -> ShiftMeta:

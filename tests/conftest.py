@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import redis
 import torch
 
 from guardrail import GuardConfig, GuardedVLM
-from guardrail.testing import fixture_path, synthetic_image
+from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 from tests.helpers import SHARED_REDIS
 
 torch.set_num_threads(2)
@@ -112,3 +113,19 @@ def namespace():
     keys = list(client.scan_iter(f"cmrm:{name}:*"))
     if keys:
         client.delete(*keys)
+
+
+@pytest.fixture()
+def data(tmp_path):
+    """A VLSafe-style JSONL file of four anchor questions with their COCO-style images."""
+    images = tmp_path / "coco"
+    images.mkdir()
+    for i in range(4):
+        synthetic_image(i, (48, 48)).save(images / f"{i:03d}.jpg")
+    rows = [
+        {"image_id": f"{i:03d}.jpg", "caption": "shapes on a gradient", "query": q}
+        for i, q in enumerate(anchor_prompts()[:4])
+    ]
+    vlsafe = tmp_path / "vlsafe.jsonl"
+    vlsafe.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path, images, vlsafe

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from guardrail import (
     DecoderNotFoundError,
@@ -26,6 +26,7 @@ from guardrail import (
 from guardrail.backends import TransformersBackend
 from guardrail.backends.hooks import EMBEDDINGS, CorrectionPlan, Lockstep, RowTrim
 from guardrail.batching import prefill_mask, stacked_shifts
+from guardrail.images import corruption_image
 from guardrail.requests import render_request
 from guardrail.testing import synthetic_image
 from shift_store import ShiftVector
@@ -339,3 +340,16 @@ def test_bfloat16_model_is_guarded_in_its_own_dtype(tiny_path, image):
     for mode in ("dataset", "sample"):
         out = vlm.generate("What is this?", [image], mode=mode, max_new_tokens=3)
         assert out.decision.guarded and out.decision.shift_norm > 0
+
+
+def test_the_callers_tokenizer_is_left_as_it_was(tiny_path, image):
+    """Left padding is asked for per call; the processor handed in keeps its own setting."""
+    processor = AutoProcessor.from_pretrained(tiny_path)
+    processor.tokenizer.padding_side = "right"
+    vlm = GuardedVLM.from_model(AutoModelForImageTextToText.from_pretrained(tiny_path), processor)
+    blank = corruption_image(vlm.config.corruption, image.size)
+    strict = vlm.with_config(GuardConfig(layers=(-1,), mode="sample"))
+    text, _ = strict.next_token_logits([GuardRequest("What is it?")])
+    guarded, _ = strict.next_token_logits([GuardRequest("What is it?", [blank])])
+    assert (guarded - text).abs().max() < 1e-3  # the shorter text-only row was left-padded
+    assert processor.tokenizer.padding_side == "right"

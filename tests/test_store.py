@@ -59,7 +59,7 @@ def _damage(store, key: ShiftKey, payload: bytes) -> None:
     if isinstance(store, LocalShiftStore):
         (store.folder / f"{key.name}.safetensors").write_bytes(payload)
     else:
-        store.client.hset(store._key(key), mapping={"payload": payload, "sha256": "x"})
+        store.client.hset(store.redis_key(key), mapping={"payload": payload, "sha256": "x"})
 
 
 @pytest.mark.parametrize("payload", [b"not safetensors", b"\x10" + bytes(40)])
@@ -83,7 +83,8 @@ def test_payload_of_another_key_is_refused_by_version_check(namespace):
     store = open_store(f"{SHARED_REDIS}?namespace={namespace}")
     a, b = make_vector(1), make_vector(2)
     store.put(key_of(a), a)
-    store.client.hset(store._key(key_of(a)), "payload", b.to_bytes())  # checksum field stays a's
+    # the payload is replaced; the checksum field stays a's
+    store.client.hset(store.redis_key(key_of(a)), "payload", b.to_bytes())
     with pytest.raises(ShiftFormatError, match="version"):
         store.get(key_of(a))
 

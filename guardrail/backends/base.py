@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from guardrail.backends.hooks import LayerPlan
 from guardrail.families import ModelFamily
@@ -14,6 +15,8 @@ from guardrail.requests import Rendering
 from shift_store import ModelFingerprint
 
 Inputs = dict[str, torch.Tensor]
+# What loads with a model: a multimodal processor, or a bare tokenizer.
+Processor = ProcessorMixin | PreTrainedTokenizerBase
 
 
 class Backend(Protocol):
@@ -26,11 +29,12 @@ class Backend(Protocol):
 
     family: ModelFamily
     fingerprint: ModelFingerprint
+    model: nn.Module
     layers: nn.ModuleList
     num_layers: int
     hidden_size: int
     image_token_id: int
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
 
     @property
     def device(self) -> torch.device: ...

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -63,7 +63,9 @@ class RowTrim:
         self.state: Literal["pending", "on", "off"] = "pending"
         self.reason = ""
 
-    def layer_inputs(self, layer: str, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def layer_inputs(
+        self, layer: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """Arguments of a decoder layer past ``after``, cut to the request rows."""
         if self.state == "pending":
             unknown = [
@@ -104,7 +106,7 @@ class RowTrim:
             return any(self._batched(v) for v in value)
         return self._per_row(value)
 
-    def _rows(self, value: object) -> object:
+    def _rows(self, value: Any) -> Any:
         if isinstance(value, tuple):
             return tuple(self._rows(v) for v in value)
         return value[: self.keep] if self._per_row(value) else value
@@ -118,7 +120,10 @@ class DecoderHooks:
     plans that need them are active; each hook is reference-counted across concurrent calls."""
 
     def __init__(
-        self, layers: Sequence[nn.Module], embeddings: nn.Module, head: nn.Module | None = None
+        self,
+        layers: Sequence[nn.Module] | nn.ModuleList,
+        embeddings: nn.Module,
+        head: nn.Module | None = None,
     ) -> None:
         self._modules = dict(enumerate(layers))
         self._modules[EMBEDDINGS] = embeddings
@@ -171,13 +176,14 @@ class DecoderHooks:
                     self._trim_hook(type(module).__name__), with_kwargs=True
                 )
             ]
+        assert self._head is not None  # head keys exist only when there is a head
         return [
             self._head.register_forward_pre_hook(self._head_input_hook),
             self._head.register_forward_hook(self._head_output_hook),
         ]
 
-    def _output_hook(self, index: int):
-        def hook(_module: nn.Module, _args: tuple, output):
+    def _output_hook(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
             plan = self._plan()
             if plan is None:
                 return None
@@ -189,8 +195,8 @@ class DecoderHooks:
 
         return hook
 
-    def _trim_hook(self, layer: str):
-        def hook(_module: nn.Module, args: tuple, kwargs: dict):
+    def _trim_hook(self, layer: str) -> Callable[[nn.Module, Any, Any], Any]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
             plan = self._plan()
             if plan is None or plan.trim is None:
                 return None
@@ -198,13 +204,13 @@ class DecoderHooks:
 
         return hook
 
-    def _head_input_hook(self, _module: nn.Module, args: tuple):
+    def _head_input_hook(self, _module: nn.Module, args: tuple[Any, ...]) -> Any:
         plan = self._plan()
         if plan is None or plan.trim is None:
             return None
         return (plan.trim.head_input(args[0]), *args[1:])
 
-    def _head_output_hook(self, _module: nn.Module, _args: tuple, output: torch.Tensor):
+    def _head_output_hook(self, _module: nn.Module, _args: Any, output: torch.Tensor) -> Any:
         plan = self._plan()
         if plan is None or plan.trim is None:
             return None
@@ -315,15 +321,16 @@ class CorrectionPlan:
         self._embedding_passes += 1
         if self._lockstep is None or self._embedding_passes == 1:
             return None  # prefill: reference rows have their own prompts
-        fed = embeds.clone()
-        fed[self._lockstep.corrupted] = embeds[self._lockstep.main]
-        fed[self._lockstep.text] = embeds[self._lockstep.main]
+        step, fed = self._lockstep, embeds.clone()
+        fed[step.corrupted] = embeds[step.main]
+        fed[step.text] = embeds[step.main]
         return fed
 
     def _with_live_shift(
         self, shift: torch.Tensor, hidden: torch.Tensor, k: int, prefill: bool
     ) -> torch.Tensor:
         step = self._lockstep
+        assert step is not None
         live = hidden[step.corrupted, -1] - hidden[step.text, -1]  # [J, hidden]
         if prefill and k == len(self._passes) - 1:
             self.live_norms = live.float().norm(dim=-1)

@@ -14,20 +14,26 @@ import json
 import logging
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoProcessor, AutoTokenizer
-from transformers.utils import cached_file
+from transformers import AutoProcessor, AutoTokenizer, ProcessorMixin
+from transformers.utils.hub import cached_file
 
 from guardrail.families import ModelFamily
+
+if TYPE_CHECKING:
+    from guardrail.backends.base import Processor
 
 _log = logging.getLogger(__name__)
 
 
-def load_processor(name_or_path: str, family: ModelFamily, revision: str | None = None) -> Any:
+def load_processor(
+    name_or_path: str, family: ModelFamily, revision: str | None = None
+) -> Processor:
     """``AutoProcessor.from_pretrained``, or the image-only fallback described above."""
     try:
-        return AutoProcessor.from_pretrained(name_or_path, revision=revision)
+        processor: Processor = AutoProcessor.from_pretrained(name_or_path, revision=revision)
+        return processor
     except ImportError as e:
         if "torchvision" not in str(e).lower() or family.processor_class is None:
             raise
@@ -42,7 +48,7 @@ def load_processor(name_or_path: str, family: ModelFamily, revision: str | None 
 
 def image_only_processor(
     name_or_path: str, family: ModelFamily, revision: str | None = None
-) -> Any:
+) -> ProcessorMixin:
     """The family's processor built from its tokenizer and slow image processor, no video."""
     assert family.processor_class and family.image_processor_class
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, revision=revision)
@@ -50,20 +56,21 @@ def image_only_processor(
         name_or_path, revision=revision
     )
     cls = without_video(_import(family.processor_class))
-    accepted = inspect.signature(cls.__init__).parameters
+    accepted = inspect.signature(cls).parameters
     saved = _processor_config(name_or_path, revision)
     options = {k: v for k, v in saved.items() if k in accepted and k != "chat_template"}
-    return cls(
+    processor: ProcessorMixin = cls(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=None,
         chat_template=tokenizer.chat_template,
         **options,
     )
+    return processor
 
 
 @cache
-def without_video(cls: type) -> type:
+def without_video(cls: Any) -> Any:
     """A subclass of processor class ``cls`` that accepts ``video_processor=None``."""
 
     def check_argument_for_proper_class(self: Any, name: str, argument: Any) -> Any:

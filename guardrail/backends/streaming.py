@@ -16,7 +16,9 @@ class ReferenceRowsDone(StoppingCriteria):
     def __init__(self, first_reference: int) -> None:
         self.first_reference = first_reference
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any):
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         done[self.first_reference :] = True
         return done

@@ -11,10 +11,11 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
     StoppingCriteriaList,
 )
 
-from guardrail.backends.base import Inputs
+from guardrail.backends.base import Inputs, Processor
 from guardrail.backends.fingerprint import fingerprint_model
 from guardrail.backends.hooks import DecoderHooks, LayerPlan
 from guardrail.backends.processors import load_processor
@@ -31,13 +32,15 @@ class TransformersBackend:
     """
 
     def __init__(
-        self, model: PreTrainedModel, processor: Any, family: ModelFamily | str | None = None
+        self, model: PreTrainedModel, processor: Processor, family: ModelFamily | str | None = None
     ) -> None:
         self.family = _resolve(family, getattr(model, "config", None))
         self.layers = self.family.decoder_layers(model)
         self.model = model.eval()
         self.processor = processor
-        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.tokenizer: PreTrainedTokenizerBase = (
+            processor if isinstance(processor, PreTrainedTokenizerBase) else processor.tokenizer
+        )
         self.num_layers = len(self.layers)
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.image_token_id = self.family.image_token_id(model.config)
@@ -66,16 +69,17 @@ class TransformersBackend:
             name_or_path, revision=revision, dtype=dtype or "auto", **model_kwargs
         )
         if device is not None:
-            model = model.to(device)
+            model = model.to(torch.device(device))  # type: ignore[arg-type]  # decorated .to
         return cls(model, processor, resolved)
 
     @property
     def device(self) -> torch.device:
-        return self.model.device
+        return torch.device(self.model.device)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        dtype: torch.dtype = self.model.dtype
+        return dtype
 
     def default_image_size(self) -> tuple[int, int]:
         return self.family.default_image_size(self.processor)
@@ -119,7 +123,8 @@ class TransformersBackend:
     ) -> torch.Tensor:
         with self._applied(plan):
             output = self.model(**inputs, use_cache=use_cache, logits_to_keep=1)
-        return output.logits[:, -1]
+        logits: torch.Tensor = output.logits[:, -1]
+        return logits
 
     @torch.no_grad()
     def generate(

@@ -57,7 +57,7 @@ def _image(folder: Path | None, name: str | None, where: str) -> Path | None:
     return path
 
 
-def _vlsafe(row: dict[str, Any], images: Path | None, where: str, _: dict) -> EvalSample:
+def _vlsafe(row: dict[str, Any], images: Path | None, where: str, _: dict[str, Any]) -> EvalSample:
     return EvalSample(
         id=str(row.get("id", row["image_id"])),
         prompt=row["query"],
@@ -67,7 +67,9 @@ def _vlsafe(row: dict[str, Any], images: Path | None, where: str, _: dict) -> Ev
     )
 
 
-def _llava_bench(row: dict[str, Any], images: Path | None, where: str, _: dict) -> EvalSample:
+def _llava_bench(
+    row: dict[str, Any], images: Path | None, where: str, _: dict[str, Any]
+) -> EvalSample:
     return EvalSample(
         id=str(row["question_id"]),
         prompt=row["text"],
@@ -76,7 +78,7 @@ def _llava_bench(row: dict[str, Any], images: Path | None, where: str, _: dict) 
     )
 
 
-def _generic(row: dict[str, Any], images: Path | None, where: str, _: dict) -> EvalSample:
+def _generic(row: dict[str, Any], images: Path | None, where: str, _: dict[str, Any]) -> EvalSample:
     return EvalSample(
         id=str(row.get("id", where)),
         prompt=row["prompt"],
@@ -110,7 +112,9 @@ def _jailbreak(
     )
 
 
-_ROW_READERS: dict[str, Callable[[dict[str, Any], Path | None, str, dict], EvalSample]] = {
+_ROW_READERS: dict[
+    str, Callable[[dict[str, Any], Path | None, str, dict[str, Any]], EvalSample]
+] = {
     "vlsafe": _vlsafe,
     "llava-bench": _llava_bench,
     "jsonl": _generic,
@@ -130,7 +134,11 @@ def _rows(path: Path, data_format: Format) -> Iterator[tuple[str, dict[str, Any]
                 continue
             try:
                 row = json.loads(line)
-                yield f"{path}:{number}", row if isinstance(row, dict) else None, "not an object"
+                yield (
+                    f"{path}:{number}",
+                    row if isinstance(row, dict) else None,
+                    "not an object",
+                )
             except json.JSONDecodeError as e:
                 yield f"{path}:{number}", None, f"invalid JSON ({e.msg})"
 

@@ -6,11 +6,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
 from guardrail.calibration import batched
+from guardrail.config import Mode
 from guardrail.engine import GuardedVLM
 from guardrail.evaluation.datasets import EvalSample
 from guardrail.evaluation.judges import Judge
@@ -42,7 +44,7 @@ class ModeResult:
     ci95: tuple[float, float] = (0.0, 1.0)
     seconds_per_sample: float = 0.0
     added_latency_ms: float = 0.0
-    answers: list[dict] = field(default_factory=list)
+    answers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -69,7 +71,7 @@ def _request(sample: EvalSample, mode: str, alpha: float | None) -> GuardRequest
         return GuardRequest(f"{sample.caption or ''}\n{sample.prompt}".strip())
     if mode == "vlm":
         return GuardRequest(sample.prompt, images, mode="off")
-    return GuardRequest(sample.prompt, images, mode=mode, alpha=alpha)
+    return GuardRequest(sample.prompt, images, mode=cast(Mode, mode), alpha=alpha)
 
 
 def run_mode(
@@ -223,7 +225,7 @@ def table(results: Sequence[ModeResult], rep: Representation | None) -> str:
     return "\n".join(lines)
 
 
-def as_json(results: Sequence[ModeResult], rep: Representation | None) -> dict:
+def as_json(results: Sequence[ModeResult], rep: Representation | None) -> dict[str, Any]:
     return {
         "modes": [asdict(r) | {"label": r.label} for r in results],
         "representation": None if rep is None else asdict(rep),

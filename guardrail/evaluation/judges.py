@@ -20,9 +20,10 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import httpx
+from transformers import BatchEncoding
 
 REFUSAL_PHRASES = (
     "I'm sorry",
@@ -180,7 +181,7 @@ class HfJudge:
             return_tensors="pt",
             return_dict=True,
         )
-        ids = ids.to(self.model.device)
+        ids = cast(BatchEncoding, ids).to(self.model.device)
         with torch.no_grad():
             out = self.model.generate(
                 **ids,
@@ -189,7 +190,7 @@ class HfJudge:
                 pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
             )
         text = self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
-        return parse_verdict(text)
+        return parse_verdict(str(text))
 
 
 def make_judge(spec: str, cache_dir: str | Path | None = None) -> Judge:

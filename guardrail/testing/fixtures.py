@@ -71,7 +71,7 @@ def _save_llava(
     config = LlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
+        image_token_index=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
         tie_word_embeddings=text_config.tie_word_embeddings,

@@ -90,7 +90,7 @@ def _text(tokenizer: Any, **extra: Any) -> dict[str, Any]:
     )
 
 
-_VISION = dict(
+_VISION: dict[str, Any] = dict(
     hidden_size=32,
     intermediate_size=64,
     num_hidden_layers=2,
@@ -112,18 +112,18 @@ def _llava(next_: bool) -> Parts:
     tok = train_tokenizer(["<image>"], {"image_token": "<image>"}, "<image>")
     image_id = tok.convert_tokens_to_ids("<image>")
     text, vision = tf.LlamaConfig(**_text(tok)), tf.CLIPVisionConfig(**_VISION)
-    sizes = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    options = dict(
+    sizes: dict[str, Any] = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    options: dict[str, Any] = dict(
         patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1
     )
     if not next_:
-        processor = tf.LlavaProcessor(
+        processor: Any = tf.LlavaProcessor(
             LlavaImageProcessorPil(**sizes), tok, chat_template=tok.chat_template, **options
         )
-        config = tf.LlavaConfig(
+        config: Any = tf.LlavaConfig(
             vision_config=vision,
             text_config=text,
-            image_token_id=image_id,
+            image_token_index=image_id,
             vision_feature_select_strategy="default",
         )
         return config, processor, tok, {}
@@ -136,7 +136,7 @@ def _llava(next_: bool) -> Parts:
     config = tf.LlavaNextConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_id,
+        image_token_index=image_id,
         image_grid_pinpoints=_PINPOINTS,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
@@ -155,7 +155,7 @@ def _llava_onevision() -> Parts:
     tok = train_tokenizer(
         ["<image>", "<video>"], {"image_token": "<image>", "video_token": "<video>"}, "<image>"
     )
-    options = dict(
+    options: dict[str, Any] = dict(
         num_image_tokens=16,
         vision_feature_select_strategy="full",
         vision_aspect_ratio="anyres_max_9",
@@ -173,8 +173,8 @@ def _llava_onevision() -> Parts:
     config = tf.LlavaOnevisionConfig(
         text_config=tf.Qwen2Config(**_text(tok)),
         vision_config=tf.SiglipVisionConfig(**_VISION),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        video_token_id=tok.convert_tokens_to_ids("<video>"),
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=_PINPOINTS,
         vision_feature_select_strategy="full",
         vision_feature_layer=-1,
@@ -207,7 +207,12 @@ def _qwen(version: str) -> Parts:
     # The processor's default pixel range, as real checkpoints ship it (size holds pixel counts).
     image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2)
     text = _text(tok, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
-    common = dict(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, depth=2, num_heads=2)
+    common: dict[str, Any] = dict(
+        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, depth=2, num_heads=2
+    )
+    cls: Any
+    config_cls: Any
+    vision: dict[str, Any]
     if version == "2":
         cls, config_cls = tf.Qwen2VLProcessor, tf.Qwen2VLConfig
         vision = dict(embed_dim=32, hidden_size=64, mlp_ratio=2, **common)
@@ -297,7 +302,7 @@ def _mllama() -> Parts:
         chat_template=tok.chat_template,
     )
     text = _text(tok, cross_attention_layers=[1, 3])
-    vision = dict(
+    vision: dict[str, Any] = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
