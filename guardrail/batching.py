@@ -12,7 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from guardrail.backends import Backend, Inputs
-from guardrail.backends.hooks import CorrectionPlan, Lockstep, RowTrim
+from guardrail.backends.hooks import (
+    ChainedPlan,
+    CorrectionPlan,
+    LayerPlan,
+    Lockstep,
+    PassThrough,
+    RowTrim,
+)
 from guardrail.config import GuardConfig
 from guardrail.planning import RowPlan
 from guardrail.requests import Rendering, corrupted, text_only
@@ -26,6 +33,14 @@ class PreparedBatch:
     inputs: Inputs
     correction: CorrectionPlan | None
     sample_rows: list[int]
+    pass_through: PassThrough | None = None
+
+    @property
+    def layer_plan(self) -> LayerPlan | None:
+        """What the backend runs with: image-free rows passed through, then the correction."""
+        if self.pass_through is None:
+            return self.correction
+        return ChainedPlan(self.pass_through, self.correction)
 
     @property
     def request_rows(self) -> int:
@@ -54,7 +69,11 @@ def prepare_batch(
     rows += [text_only(renderings[i]) for i in sample_rows]
     inputs = backend.encode(rows)
     correction = correction_plan(backend, config, layers, list(plans), sample_rows, inputs)
-    return PreparedBatch(list(plans), inputs, correction, sample_rows)
+    image_free = torch.tensor([not row.images for row in rows], device=backend.device)
+    pass_through = None
+    if backend.image_layers and bool(image_free.any()) and not bool(image_free.all()):
+        pass_through = PassThrough(backend.image_layers, image_free)
+    return PreparedBatch(list(plans), inputs, correction, sample_rows, pass_through)
 
 
 def stacked_shifts(vectors: torch.Tensor, layers: Sequence[int], incremental: bool) -> torch.Tensor:

@@ -255,7 +255,7 @@ class GuardedVLM:
         batch, prepared_ms = self._prepare(requests)
         generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens}
         output = self.backend.generate(
-            batch.inputs, batch.correction, request_rows=batch.request_rows, **generation
+            batch.inputs, batch.layer_plan, request_rows=batch.request_rows, **generation
         )
         decisions = self._decisions(requests, batch, prepared_ms)
         return answers(
@@ -268,7 +268,7 @@ class GuardedVLM:
     ) -> tuple[torch.Tensor, list[GuardDecision]]:
         """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
         batch, prepared_ms = self._prepare(requests)
-        logits = self.backend.forward(batch.inputs, batch.correction)
+        logits = self.backend.forward(batch.inputs, batch.layer_plan)
         decisions = self._decisions(requests, batch, prepared_ms)
         return logits[: batch.request_rows].float(), decisions
 
@@ -278,7 +278,7 @@ class GuardedVLM:
         batch, _ = self._prepare(requests)
         last = self.backend.num_layers - 1
         capture = CapturePlan([last])
-        self.backend.forward(batch.inputs, ChainedPlan(batch.correction, capture), use_cache=False)
+        self.backend.forward(batch.inputs, ChainedPlan(batch.layer_plan, capture), use_cache=False)
         return capture.state(last)[: batch.request_rows, 0].cpu()
 
     def record_refusal(self, error: GuardrailError, app: str | None = None) -> None:

@@ -114,21 +114,9 @@ def decision_record(
 ) -> GuardDecision:
     """The decision record of one request, built once from its plan and the outcome."""
     shift, fallbacks = plan.shift, list(plan.fallbacks)
-    shift_fields: dict[str, object] = {}
-    if plan.mode == "dataset" and shift is not None:
-        last = plan.layers[-1]
-        shift_fields = {
-            "shift_id": shift.checksum[:12],
-            "shift_level": shift.meta.level,
-            "shift_norm": float(shift.vectors[last].norm()),
-            "shift_key": plan.shift_key,
-            "shift_version": plan.shift_version,
-        }
-        if shift.decode_vectors is None:
-            fallbacks.append("shift has no decode vectors: prompt only")
-    elif plan.mode == "sample":
-        shift_fields = {"shift_level": "sample", "shift_norm": outcome.live_shift_norm}
-    return GuardDecision(
+    if plan.mode == "dataset" and shift is not None and shift.decode_vectors is None:
+        fallbacks.append("shift has no decode vectors: prompt only")
+    decision = GuardDecision(
         call_id=call_id or uuid.uuid4().hex,
         app=request.app,
         model=model_id,
@@ -146,8 +134,14 @@ def decision_record(
         batch_rows=outcome.batch_rows,
         reason=plan.reason,
         added_latency_ms=round(outcome.added_latency_ms, 3) if plan.guarded else 0.0,
-        **shift_fields,  # type: ignore[arg-type]
     )
+    if plan.mode == "dataset" and shift is not None:
+        decision.shift_id, decision.shift_level = shift.checksum[:12], shift.meta.level
+        decision.shift_norm = float(shift.vectors[plan.layers[-1]].norm())
+        decision.shift_key, decision.shift_version = plan.shift_key, plan.shift_version
+    elif plan.mode == "sample":
+        decision.shift_level, decision.shift_norm = "sample", outcome.live_shift_norm
+    return decision
 
 
 def refusal_record(

@@ -59,6 +59,16 @@ def test_text_only_calls_are_bit_identical_to_the_plain_model(family_vlm):
     assert out.token_ids == plain[0, inputs["input_ids"].shape[1] :].tolist()[: len(out.token_ids)]
 
 
+def test_a_text_only_request_batched_with_an_image_request_is_answered_as_alone(family_vlm):
+    """Mllama runs its cross-attention layers for every row once one row has an image; the
+    guard passes image-free rows through them, so they match a text-only call."""
+    alone, _ = family_vlm.next_token_logits([GuardRequest(PROMPT)])
+    image = GuardRequest("Describe it.", [synthetic_image(7, (48, 40))], mode="off")
+    mixed, decisions = family_vlm.next_token_logits([GuardRequest(PROMPT), image])
+    assert decisions[0].mode_used == "text-only"
+    assert (mixed[0] - alone[0]).abs().max() < 1e-5
+
+
 def test_alpha_zero_is_bit_identical_to_the_unguarded_model(family_vlm):
     request = GuardRequest(PROMPT, [synthetic_image(4, (48, 40))], alpha=0.0, mode="sample")
     logits, decisions = family_vlm.next_token_logits([request])

@@ -34,6 +34,7 @@ class Backend(Protocol):
     num_layers: int
     hidden_size: int
     image_token_id: int
+    image_layers: tuple[int, ...]  # layers that run only with an image (cross-attention)
     tokenizer: PreTrainedTokenizerBase
 
     @property

@@ -33,8 +33,11 @@ class LayerPlan(Protocol):
     hooked: frozenset[int]
     trim: RowTrim | None
 
-    def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        """Return a replacement for ``hidden`` (``[batch, seq, hidden]``), or None to keep it."""
+    def on_output(
+        self, layer: int, hidden: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        """Return a replacement for ``hidden`` (``[batch, seq, hidden]``, the layer's output;
+        ``layer_input`` is what went in), or None to keep it."""
         ...
 
 
@@ -168,7 +171,8 @@ class DecoderHooks:
     def _install(self, key: _HookKey) -> list[torch.utils.hooks.RemovableHandle]:
         kind, index = key
         if kind == "out":
-            return [self._modules[index].register_forward_hook(self._output_hook(index))]
+            module = self._modules[index]
+            return [module.register_forward_hook(self._output_hook(index), with_kwargs=True)]
         if kind == "pre":
             module = self._modules[index]
             return [
@@ -182,13 +186,16 @@ class DecoderHooks:
             self._head.register_forward_hook(self._head_output_hook),
         ]
 
-    def _output_hook(self, index: int) -> Callable[[nn.Module, Any, Any], Any]:
-        def hook(_module: nn.Module, _args: Any, output: Any) -> Any:
+    def _output_hook(self, index: int) -> Callable[[nn.Module, Any, Any, Any], Any]:
+        def hook(
+            _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> Any:
             plan = self._plan()
             if plan is None:
                 return None
             hidden = output[0] if isinstance(output, tuple) else output
-            replaced = plan.on_output(index, hidden)
+            layer_input = args[0] if args else kwargs.get("hidden_states")
+            replaced = plan.on_output(index, hidden, layer_input)
             if replaced is None:
                 return None
             return (replaced, *output[1:]) if isinstance(output, tuple) else replaced
@@ -231,7 +238,9 @@ class CapturePlan:
         self._span = span
         self.states: dict[int, torch.Tensor] = {}
 
-    def on_output(self, layer: int, hidden: torch.Tensor) -> None:
+    def on_output(
+        self, layer: int, hidden: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> None:
         if layer in self.hooked:
             self.states[layer] = hidden[:, -self._span :, :].float()
 
@@ -297,7 +306,9 @@ class CorrectionPlan:
         self._previous_live: torch.Tensor | None = None
         self.live_norms: torch.Tensor | None = None  # ‖Δ‖ of lockstep rows at the prompt
 
-    def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    def on_output(
+        self, layer: int, hidden: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         if layer == EMBEDDINGS:
             return self._feed_references(hidden)
         k = self._slot.get(layer)
@@ -349,9 +360,36 @@ class ChainedPlan:
         self.hooked = frozenset().union(*(plan.hooked for plan in self._plans))
         self.trim = next((plan.trim for plan in self._plans if plan.trim is not None), None)
 
-    def on_output(self, layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    def on_output(
+        self, layer: int, hidden: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         replaced = None
         for plan in self._plans:
-            result = plan.on_output(layer, hidden if replaced is None else replaced)
+            result = plan.on_output(layer, hidden if replaced is None else replaced, layer_input)
             replaced = result if result is not None else replaced
         return replaced
+
+
+class PassThrough:
+    """Rows without an image go through ``layers`` unchanged.
+
+    A model whose image enters through cross-attention layers (Mllama) skips those layers when
+    no row of the batch has an image, but runs them for every row otherwise, and an image-free
+    row then still picks up a contribution. Restoring the layer input for those rows gives them
+    exactly what they get on their own, so a text-only row in a mixed batch (a text-only request,
+    or the text-only reference row of sample level) is computed as a text-only call.
+    """
+
+    def __init__(self, layers: Sequence[int], rows: torch.Tensor) -> None:
+        self.hooked = frozenset(layers)
+        self.trim: RowTrim | None = None
+        self._rows = rows.view(-1, 1, 1)  # [batch, 1, 1] bool: rows without an image
+
+    def on_output(
+        self, layer: int, hidden: torch.Tensor, layer_input: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
+        if layer not in self.hooked:
+            return None
+        if layer_input is None or layer_input.shape != hidden.shape:
+            raise GuardrailError(f"decoder layer {layer} did not show its input to the guard")
+        return torch.where(self._rows[: hidden.shape[0]], layer_input, hidden)

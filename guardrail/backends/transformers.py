@@ -44,6 +44,7 @@ class TransformersBackend:
         self.num_layers = len(self.layers)
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.image_token_id = self.family.image_token_id(model.config)
+        self.image_layers = self.family.image_layers(model.config)
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
         self.hooks = DecoderHooks(
             self.layers, model.get_input_embeddings(), model.get_output_embeddings()

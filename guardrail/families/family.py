@@ -91,6 +91,18 @@ class ModelFamily:
             "ModelFamily whose image_token_attributes names the image token id"
         )
 
+    def image_layers(self, config: Any) -> tuple[int, ...]:
+        """Decoder layers that only run when an image is present (cross-attention families)."""
+        if self.image_entry != "cross-attention":
+            return ()
+        layers = getattr(config.get_text_config(), "cross_attention_layers", None)
+        if not layers:
+            raise UnknownModelFamilyError(
+                f"{type(config).__name__} names no cross_attention_layers; the {self.name} "
+                "family takes the image through cross-attention layers and must know them"
+            )
+        return tuple(int(layer) for layer in layers)
+
     def default_image_size(self, processor: Any) -> tuple[int, int]:
         """(width, height) of the corruption image for a prompt without an image."""
         image_processor = getattr(processor, "image_processor", None)

@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from guardrail.testing.tiny import CHAT_TEMPLATE, TINY_FAMILIES, build_tiny_vlm, save_checkpoint
 
-FIXTURE_VERSION = "2"
+FIXTURE_VERSION = "3"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

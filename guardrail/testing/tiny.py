@@ -345,6 +345,10 @@ def build_tiny_vlm(family: str, path: str | Path, seed: int = 0) -> Path:
     config, processor, tokenizer, options = _PARTS[family]()
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
+    with torch.no_grad():  # Mllama's cross-attention gates start at 0 (tanh 0 = no image)
+        for name, parameter in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                parameter.fill_(0.5)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return save_checkpoint(Path(path), model, processor, options)
