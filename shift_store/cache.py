@@ -75,7 +75,7 @@ class CachedShiftSource:
         try:
             version = self.store.version(self.key)
             if version is not None and version == known.version and known.vector is not None:
-                lookup = known
+                lookup = Lookup(known.vector, known.version)  # clean again after an outage
             elif version is None:
                 lookup = Lookup(None, note="no dataset-level shift stored for this model")
             else:

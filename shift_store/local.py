@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,26 @@ from shift_store.vector import ShiftFormatError, ShiftVector, read_meta
 
 log = logging.getLogger("shift_store")
 _SUFFIX = ".safetensors"
+_TMP = ".tmp-"
+_ORPHAN_AGE_S = 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _version(st: os.stat_result) -> str:
@@ -64,17 +85,31 @@ class LocalShiftStore:
             raise
 
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=_SUFFIX)
+        self._remove_orphans()
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f"{_TMP}{os.getpid()}-", suffix=_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(vector.to_bytes())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(key))
+            _fsync_dir(self.folder)  # the rename itself survives a power cut
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
         return self.version(key) or ""
+
+    def _remove_orphans(self) -> None:
+        """Delete temporary files of writers that died mid-write (their process is gone, or
+        the file is older than an hour)."""
+        for path in self.folder.glob(f"{_TMP}*{_SUFFIX}"):
+            pid = path.name.removeprefix(_TMP).split("-", 1)[0]
+            try:
+                stale = time.time() - path.stat().st_mtime > _ORPHAN_AGE_S
+                if stale or not (pid.isdigit() and _alive(int(pid))):
+                    path.unlink()
+            except FileNotFoundError:
+                continue  # finished or removed meanwhile
 
     def delete(self, key: ShiftKey) -> bool:
         try:
@@ -86,7 +121,7 @@ class LocalShiftStore:
     def list(self) -> list[StoredShift]:
         entries = []
         for path in sorted(self.folder.glob(f"*{_SUFFIX}")):
-            if path.name.startswith(".tmp-"):
+            if path.name.startswith(_TMP):
                 continue
             try:
                 with path.open("rb") as f:

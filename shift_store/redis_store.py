@@ -78,7 +78,7 @@ class RedisShiftStore:
 
     def version(self, key: ShiftKey) -> str | None:
         value = self._call("version", self.client.hget, self.redis_key(key), "sha256")
-        return value.decode() if value else None
+        return _text(value, self.redis_key(key)) if value else None
 
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
         fields = self._call("get", self.client.hmget, self.redis_key(key), ["payload", "sha256"])
@@ -90,10 +90,10 @@ class RedisShiftStore:
         except ShiftFormatError as e:
             log.warning("rejected shift under %s: %s", self.redis_key(key), e)
             raise
-        if version is None or vector.checksum != version.decode():
+        if version is None or vector.checksum != _text(version, self.redis_key(key)):
             log.warning("rejected shift under %s: version does not match", self.redis_key(key))
             raise ShiftFormatError("stored version does not match the payload checksum")
-        return vector, version.decode()
+        return vector, vector.checksum
 
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
         name = self.redis_key(key)
@@ -147,3 +147,11 @@ class RedisShiftStore:
                     lock.release()
                 except (LockError, RedisError) as e:  # expired, or the server went away
                     log.warning("could not release shift lock %s: %s", key.name, e)
+
+
+def _text(value: bytes, where: str) -> str:
+    """A stored text field; a damaged one is a format error of that entry, never a crash."""
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError as e:
+        raise ShiftFormatError(f"damaged version field under {where}: {e}") from e

@@ -242,6 +242,20 @@ def test_local_store_never_exposes_a_partial_write(tmp_path):
         got = store.get(key_of(big))
         assert got is None or got[0].checksum in valid
         assert [e.key for e in store.list()] in ([], [key_of(big).name])
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (store.folder / f".tmp-{dead}-left.safetensors").write_bytes(b"x" * 1000)  # a dead writer's
+    old = store.folder / ".tmp-unknown.safetensors"
+    old.write_bytes(b"x")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))  # two hours old
+    store.put(key_of(big), big)  # the next write removes the killed writers' temporary files
+    assert sorted(p.name for p in store.folder.iterdir() if not p.name.endswith(".lock")) == [
+        f"{key_of(big).name}.safetensors"
+    ]
 
 
 def test_redis_outage_is_bounded_served_from_cache_and_recovers(own_redis):
@@ -288,3 +302,32 @@ def test_redis_url_options_ttl_namespace_and_acl(own_redis):
         wrong.get(key_of(vector))
     with pytest.raises(ValueError, match="scheme"):
         open_store("ftp://example/x")
+
+
+def test_outage_note_clears_when_the_store_answers_again(own_redis):
+    vector = make_vector()
+    store = open_store(f"{own_redis.url}?namespace=recover&retries=0")
+    now = [0.0]
+    source = CachedShiftSource(store, key_of(vector), revalidate_s=1, clock=lambda: now[0])
+    source.ensure(lambda: vector)
+    own_redis.kill()
+    now[0] = 2.0
+    assert source.current().store_down
+    own_redis.start()
+    store.put(key_of(vector), vector)  # the same vector again: the same version
+    now[0] = 20.0
+    lookup = source.current()
+    assert lookup.vector is not None and lookup.note is None and not lookup.store_down
+
+
+def test_a_damaged_version_field_is_a_format_error_not_a_crash(namespace):
+    store = open_store(f"{SHARED_REDIS}?namespace={namespace}")
+    vector = make_vector()
+    store.put(key_of(vector), vector)
+    store.client.hset(store.redis_key(key_of(vector)), "sha256", b"\xff\xfe not text")
+    with pytest.raises(ShiftFormatError, match="damaged version field"):
+        store.version(key_of(vector))
+    with pytest.raises(ShiftFormatError):
+        store.get(key_of(vector))
+    lookup = CachedShiftSource(store, key_of(vector)).current()
+    assert lookup.vector is None and "rejected" in lookup.note
