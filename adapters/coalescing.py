@@ -9,9 +9,10 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from guardrail import GuardedOutput, GuardRequest
+from guardrail import GuardedOutput, GuardrailError, GuardRequest
 
-RunBatch = Callable[[list[GuardRequest], dict[str, Any]], list[GuardedOutput]]
+# One result per request: its output, or the error that refused it (the others still run).
+RunBatch = Callable[[list[GuardRequest], dict[str, Any]], list[GuardedOutput | GuardrailError]]
 
 
 @dataclass
@@ -25,8 +26,8 @@ class _Group:
 
 class RequestCoalescer:
     """Collects requests with equal generation settings for ``window_s`` and runs them as one
-    batch. If the batch fails, each request is retried alone, so that one bad request (or one
-    that fails closed) does not fail its neighbours."""
+    batch. A request the guard refuses gets its own error (the batch runs the others); if the
+    whole batch fails unexpectedly, each request is retried alone."""
 
     def __init__(self, run_batch: RunBatch, window_s: float = 0.005, max_batch: int = 16) -> None:
         self._run_batch, self.window_s, self.max_batch = run_batch, window_s, max_batch
@@ -63,7 +64,7 @@ class RequestCoalescer:
 
     def _run(self, group: _Group, settings: dict[str, Any]) -> None:
         try:
-            group.results = self._run_batch(group.requests, settings)
+            group.results = list(self._run_batch(group.requests, settings))
         except BaseException as batch_error:
             if len(group.requests) == 1:
                 group.error = batch_error

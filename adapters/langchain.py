@@ -174,9 +174,9 @@ class ChatGuardedVLM(BaseChatModel):
 
     def _run_batch(
         self, requests: list[GuardRequest], settings: dict[str, Any]
-    ) -> list[GuardedOutput]:
+    ) -> list[GuardedOutput | GuardrailError]:
         extra = {"tokenizer": self._vlm.tokenizer} if "stop_strings" in settings else {}
-        return self._vlm.generate_batch(requests, **settings, **extra)
+        return self._vlm.generate_each(requests, **settings, **extra)
 
     def _message(self, text: str, output: GuardedOutput, cls: type = AIMessage) -> BaseMessage:
         usage = UsageMetadata(
@@ -245,7 +245,10 @@ class ChatGuardedVLM(BaseChatModel):
         def work() -> None:
             try:
                 settings = {**self._settings(stop, kwargs), "streamer": streamer}
-                result["output"] = self._run_batch([request], settings)[0]
+                outcome = self._run_batch([request], settings)[0]
+                if isinstance(outcome, GuardrailError):
+                    raise outcome
+                result["output"] = outcome
             except BaseException as e:
                 result["error"] = e
                 streamer.end()

@@ -46,7 +46,9 @@ def _role(message: BaseMessage) -> str:
     raise UnsupportedContentError(f"{type(message).__name__} is not supported (no tool calling)")
 
 
-def _decode_base64(data: str) -> bytes:
+def _decode_base64(data: object) -> bytes:
+    if not isinstance(data, str):
+        raise InvalidImageError(f"image data must be base64 text, not {type(data).__name__}")
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -57,6 +59,8 @@ def _image_bytes(block: dict[str, Any], fetcher: RemoteImageFetcher) -> tuple[by
     if block.get("base64"):
         return _decode_base64(block["base64"]), "inline"
     url = block.get("url") or ""
+    if not isinstance(url, str):
+        raise InvalidImageError(f"image URL must be text, not {type(url).__name__}")
     if url.startswith("data:"):
         header, _, data = url.partition(",")
         if ";base64" not in header:

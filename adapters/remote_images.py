@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Sequence
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
 
@@ -23,6 +23,23 @@ class ImageFetchError(InvalidImageError):
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+MAX_URL_LENGTH = 8192
+
+
+def _parse(url: object) -> SplitResult:
+    """Split a URL, refusing anything that is not a plain, well-formed one."""
+    if not isinstance(url, str):
+        raise ImageFetchError(f"image URL must be text, not {type(url).__name__}")
+    if len(url) > MAX_URL_LENGTH:
+        raise ImageFetchError(f"image URL is longer than {MAX_URL_LENGTH} characters")
+    if any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ImageFetchError("image URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when out of range
+    except ValueError as e:
+        raise ImageFetchError(f"malformed image URL: {e}") from e
+    return parts
 
 
 class RemoteImageFetcher:
@@ -46,7 +63,7 @@ class RemoteImageFetcher:
         self.max_bytes, self.timeout_s, self.max_redirects = max_bytes, timeout_s, max_redirects
 
     def _check_url(self, url: str) -> None:
-        parts = urlsplit(url)
+        parts = _parse(url)
         if parts.scheme not in ("http", "https"):
             raise ImageFetchError(f"image URL scheme {parts.scheme!r} is not allowed")
         host = (parts.hostname or "").lower()

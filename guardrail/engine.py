@@ -21,12 +21,18 @@ from guardrail.backends.hooks import CapturePlan, ChainedPlan
 from guardrail.batching import PreparedBatch, prepare_batch
 from guardrail.config import GuardConfig, Mode
 from guardrail.decision import GuardDecision, log_decision
-from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidInputError
+from guardrail.errors import GuardrailError, GuardUnavailableError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
 from guardrail.outputs import GuardedOutput, answers
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
-from guardrail.requests import GuardRequest, Rendering, render_request, text_only
+from guardrail.requests import (
+    GuardRequest,
+    Rendering,
+    reject_placeholders,
+    render_request,
+    text_only,
+)
 from guardrail.shifts import DatasetShifts, ShiftRequirements
 from guardrail.trust import AnchorStats
 from shift_store import Lookup, ModelFingerprint, ShiftStore, ShiftVector, open_store
@@ -249,10 +255,41 @@ class GuardedVLM:
     def generate_batch(
         self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128, **generation: Any
     ) -> list[GuardedOutput]:
-        """Generate for several requests in one batched pass, each with its own correction."""
+        """Generate for several requests in one batched pass, each with its own correction.
+        A request refused by the guard raises its typed error before anything is generated."""
+        started = time.perf_counter()
+        planned = [self.plan(request) for request in requests]
+        return self._generate(requests, planned, started, max_new_tokens, generation)
+
+    def generate_each(
+        self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128, **generation: Any
+    ) -> list[GuardedOutput | GuardrailError]:
+        """Like :meth:`generate_batch`, but a refused request does not stop the others: its
+        place holds the typed error (with its one decision record) instead of an output."""
+        started = time.perf_counter()
+        refused: dict[int, GuardrailError] = {}
+        planned: dict[int, tuple[Rendering, RowPlan]] = {}
+        for i, request in enumerate(requests):
+            try:
+                planned[i] = self.plan(request)
+            except GuardrailError as e:
+                refused[i] = e
+        kept = [requests[i] for i in planned]
+        outputs = self._generate(kept, list(planned.values()), started, max_new_tokens, generation)
+        answered = dict(zip(planned, outputs, strict=True))
+        return [answered[i] if i in answered else refused[i] for i in range(len(requests))]
+
+    def _generate(
+        self,
+        requests: Sequence[GuardRequest],
+        planned: Sequence[tuple[Rendering, RowPlan]],
+        started: float,
+        max_new_tokens: int,
+        generation: dict[str, Any],
+    ) -> list[GuardedOutput]:
         if not requests:
             return []
-        batch, prepared_ms = self._prepare(requests)
+        batch, prepared_ms = self._prepare(planned, started)
         generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens}
         output = self.backend.generate(
             batch.inputs, batch.layer_plan, request_rows=batch.request_rows, **generation
@@ -267,7 +304,8 @@ class GuardedVLM:
         requests: Sequence[GuardRequest],
     ) -> tuple[torch.Tensor, list[GuardDecision]]:
         """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
-        batch, prepared_ms = self._prepare(requests)
+        started = time.perf_counter()
+        batch, prepared_ms = self._prepare([self.plan(r) for r in requests], started)
         logits = self.backend.forward(batch.inputs, batch.layer_plan)
         decisions = self._decisions(requests, batch, prepared_ms)
         return logits[: batch.request_rows].float(), decisions
@@ -275,7 +313,7 @@ class GuardedVLM:
     def final_states(self, requests: Sequence[GuardRequest]) -> torch.Tensor:
         """Last decoder layer's output at the last prompt token, after any correction:
         ``[batch, hidden]`` float32 (the representation the paper's plots show)."""
-        batch, _ = self._prepare(requests)
+        batch, _ = self._prepare([self.plan(r) for r in requests], 0.0)
         last = self.backend.num_layers - 1
         capture = CapturePlan([last])
         self.backend.forward(batch.inputs, ChainedPlan(batch.layer_plan, capture), use_cache=False)
@@ -292,11 +330,12 @@ class GuardedVLM:
         with their decision record (logged)."""
         try:
             rendering = render_request(request)
-        except InvalidInputError as e:
+            reject_placeholders(rendering, self.backend.placeholders)
+            if request.shift is not None:
+                self.check_shift(request.shift)
+        except GuardrailError as e:
             self.record_refusal(e, request.app)
             raise
-        if request.shift is not None:
-            self.check_shift(request.shift)
         plan = plan_row(
             request,
             self.config,
@@ -311,9 +350,11 @@ class GuardedVLM:
             raise GuardUnavailableError(decision.reason, decision)
         return rendering, plan
 
-    def _prepare(self, requests: Sequence[GuardRequest]) -> tuple[PreparedBatch, float]:
-        started = time.perf_counter()
-        renderings, plans = zip(*(self.plan(request) for request in requests), strict=True)
+    def _prepare(
+        self, planned: Sequence[tuple[Rendering, RowPlan]], started: float
+    ) -> tuple[PreparedBatch, float]:
+        """One pass's batch, and the milliseconds since ``started`` (planning included)."""
+        renderings, plans = zip(*planned, strict=True)
         batch = prepare_batch(self.backend, self.config, self.layers, renderings, plans)
         return batch, (time.perf_counter() - started) * 1e3
 

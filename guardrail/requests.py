@@ -79,6 +79,25 @@ def render_request(request: GuardRequest) -> Rendering:
     return Rendering(messages, images)
 
 
+def reject_placeholders(rendering: Rendering, placeholders: Sequence[str]) -> None:
+    """Refuse message text that contains the model's image placeholder tokens: images enter only
+    as image parts, so typed placeholders would desynchronise text and images."""
+    for message in rendering.messages:
+        content = message["content"]
+        texts = (
+            [content]
+            if isinstance(content, str)
+            else [str(part.get("text", "")) for part in content if isinstance(part, dict)]
+        )
+        for text in texts:
+            found = [p for p in placeholders if p and p in text]
+            if found:
+                raise InvalidInputError(
+                    f"message text contains the reserved placeholder {found[0]!r}; "
+                    "attach images as image parts"
+                )
+
+
 def text_only(rendering: Rendering) -> Rendering:
     """The same conversation with every image part removed: the input ``x`` of ``h(x)``."""
     messages = []

@@ -21,7 +21,7 @@ from PIL import Image
 from adapters.langchain import ChatGuardedVLM
 from adapters.messages import UnsupportedContentError
 from adapters.remote_images import ImageFetchError, RemoteImageFetcher
-from guardrail import GuardUnavailableError, InvalidImageError
+from guardrail import GuardUnavailableError, InvalidImageError, InvalidInputError
 from guardrail.testing import anchor_prompts, synthetic_image
 from guardrail.trust import AnchorDistance, AnchorStats, ByImageSource, TrustInput, Verdict
 
@@ -457,3 +457,65 @@ def test_store_outage_fails_closed_or_answers_unguarded_by_choice(tiny_path, own
     auto = ChatGuardedVLM(model=str(tiny_path), app="auto", store=url, max_tokens=3)
     safety = auto.invoke([openai_image()]).response_metadata["safety"]
     assert safety["mode_used"] == "sample" and safety["guarded"]
+
+
+# ---------------------------------------------------------------- bad input: typed, one record
+
+
+def _decisions(caplog) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "guardrail.decisions"]
+
+
+@pytest.mark.parametrize(
+    "block, error, match",
+    [
+        (
+            {"type": "image_url", "image_url": {"url": "http://exa\tmple.com/x.png"}},
+            InvalidImageError,
+            "whitespace or control",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "http://example.com/" + "a" * 1_000_000}},
+            InvalidImageError,
+            "longer than",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "http://example.com:99999/x.png"}},
+            InvalidImageError,
+            "malformed image URL",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "http://[::1"}},
+            InvalidImageError,
+            "malformed image URL",
+        ),
+        (
+            {"type": "image", "base64": 12345, "mime_type": "image/png"},
+            InvalidImageError,
+            "base64 text",
+        ),
+        ({"type": "text", "text": "What is <image> this?"}, InvalidInputError, "placeholder"),
+    ],
+)
+def test_each_bad_input_is_a_typed_error_with_exactly_one_record(
+    tiny_chat, block, error, match, caplog
+):
+    message = HumanMessage(content=[block, {"type": "text", "text": "What is it?"}])
+    with (
+        caplog.at_level(logging.INFO, logger="guardrail.decisions"),
+        pytest.raises(error, match=match) as info,
+    ):
+        tiny_chat.invoke([message])
+    assert [d["mode_used"] for d in _decisions(caplog)] == ["refused"]
+    assert info.value.decision is not None and info.value.decision.mode_used == "refused"
+
+
+def test_a_bad_image_in_a_coalesced_batch_gets_one_record_and_the_others_answer(tiny_chat, caplog):
+    good = openai_image(PNG)
+    bad = openai_image(b"definitely not an image")
+    with caplog.at_level(logging.INFO, logger="guardrail.decisions"):
+        results = tiny_chat.batch([[good], [bad], [good]], return_exceptions=True)
+    assert isinstance(results[1], InvalidImageError)
+    assert all(r.response_metadata["safety"]["guarded"] for r in (results[0], results[2]))
+    modes = [d["mode_used"] for d in _decisions(caplog)]
+    assert modes.count("refused") == 1 and len(modes) == 3

@@ -35,6 +35,7 @@ class Backend(Protocol):
     hidden_size: int
     image_token_id: int
     image_layers: tuple[int, ...]  # layers that run only with an image (cross-attention)
+    placeholders: tuple[str, ...]  # image/video placeholder tokens, never allowed in user text
     tokenizer: PreTrainedTokenizerBase
 
     @property

@@ -45,6 +45,7 @@ class TransformersBackend:
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.image_token_id = self.family.image_token_id(model.config)
         self.image_layers = self.family.image_layers(model.config)
+        self.placeholders = _placeholders(processor, self.tokenizer)
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
         self.hooks = DecoderHooks(
             self.layers, model.get_input_embeddings(), model.get_output_embeddings()
@@ -155,3 +156,23 @@ def _resolve(family: ModelFamily | str | None, config: Any) -> ModelFamily:
     if isinstance(family, ModelFamily):
         return family
     return family_named(family) if family is not None else family_for(config)
+
+
+_PLACEHOLDER_ATTRIBUTES = (
+    "image_token",
+    "video_token",
+    "boi_token",
+    "eoi_token",
+    "fake_image_token",
+    "global_image_tag",
+)
+
+
+def _placeholders(processor: Processor, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+    """The processor's and tokenizer's image and video placeholder strings."""
+    found = {
+        getattr(source, name, None)
+        for source in (processor, tokenizer)
+        for name in _PLACEHOLDER_ATTRIBUTES
+    }
+    return tuple(sorted(text for text in found if isinstance(text, str) and text))
