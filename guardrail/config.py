@@ -47,6 +47,9 @@ class GuardConfig(BaseModel):
       says so in the decision record.
     * ``trim_references`` - sample level: run the two reference rows only up to the deepest edited
       layer (later layers and the LM head skip them). Exact; off only to measure what it saves.
+    * ``check_plausibility`` - before a stored dataset-level shift is first used, compare it
+      with a live measurement on a few anchor prompts and refuse it when it is not this
+      model's shift (see ``guardrail.plausibility``).
 
     The default layer and positions come from the measurement in ``docs/defaults.md``.
     """
@@ -61,6 +64,7 @@ class GuardConfig(BaseModel):
     mode: Mode = "auto"
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
     trim_references: bool = True
+    check_plausibility: bool = True
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         """The configured layers of a ``num_layers`` decoder, as sorted non-negative indices."""

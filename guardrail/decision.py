@@ -31,6 +31,11 @@ class GuardDecision(BaseModel):
     shift_id: str | None = Field(default=None, description="checksum prefix of the shift used")
     shift_key: str | None = Field(default=None, description="store key of a dataset shift")
     shift_version: str | None = None
+    shift_verified: bool | None = Field(
+        default=None,
+        description="store shift: True when its signature was verified against the deployment "
+        "key, False when the store has no key (checksum only); None for other shifts",
+    )
     shift_level: Literal["dataset", "sample"] | None = None
     shift_norm: float | None = Field(default=None, description="‖Δ‖ at the last edited layer")
     fallbacks: list[str] = Field(default_factory=list)

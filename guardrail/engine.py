@@ -26,6 +26,7 @@ from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
 from guardrail.outputs import GuardedOutput, answers
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
+from guardrail.plausibility import plausibility_check
 from guardrail.requests import (
     GuardRequest,
     Rendering,
@@ -140,7 +141,21 @@ class GuardedVLM:
     @property
     def dataset_shift(self) -> ShiftVector | None:
         """The dataset-level shift in use now, if any."""
-        return self.shifts.current().vector
+        return self.dataset_lookup().vector
+
+    def dataset_lookup(self) -> Lookup:
+        """The dataset-level shift and how it was found. A stored vector is checked against a
+        live measurement before its first use (``GuardConfig.check_plausibility``)."""
+        lookup = self.shifts.current()
+        if lookup.vector is None or self.shifts.source is None:
+            return lookup
+        if not self.config.check_plausibility:
+            return lookup
+        problem = plausibility_check(self.backend, self.config.corruption).verdict(lookup.vector)
+        if problem is None:
+            return lookup
+        note = f"stored shift refused as implausible: {problem}"
+        return Lookup(None, lookup.version, note, lookup.store_down)
 
     def use_store(
         self,
@@ -175,7 +190,7 @@ class GuardedVLM:
                 ),
                 lock_timeout_s,
             )
-        return self.shifts.current()
+        return self.dataset_lookup()
 
     def check_shift(self, shift: ShiftVector) -> None:
         """Raise :class:`~guardrail.errors.ShiftMismatchError` unless ``shift`` fits this
@@ -339,7 +354,7 @@ class GuardedVLM:
         plan = plan_row(
             request,
             self.config,
-            self.shifts.current,
+            self.dataset_lookup,
             multimodal=rendering.multimodal,
             layers=self.layers,
             shift_key=self.shifts.key_name,

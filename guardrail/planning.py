@@ -31,6 +31,7 @@ class RowPlan:
     shift: ShiftVector | None = None
     shift_key: str | None = None
     shift_version: str | None = None
+    shift_verified: bool | None = None
     fail_closed: bool = False
 
     @property
@@ -79,6 +80,7 @@ def plan_row(
                 shift=found.vector,
                 shift_key=shift_key,
                 shift_version=found.version,
+                shift_verified=found.verified if shift_key is not None else None,
             )
     if mode == "dataset":
         why = "mode=dataset but no dataset-level shift is available"
@@ -139,6 +141,7 @@ def decision_record(
         decision.shift_id, decision.shift_level = shift.checksum[:12], shift.meta.level
         decision.shift_norm = float(shift.vectors[plan.layers[-1]].norm())
         decision.shift_key, decision.shift_version = plan.shift_key, plan.shift_version
+        decision.shift_verified = plan.shift_verified
     elif plan.mode == "sample":
         decision.shift_level, decision.shift_norm = "sample", outcome.live_shift_norm
     return decision

@@ -73,6 +73,7 @@ class ShiftStore(Protocol):
     """
 
     namespace: str
+    signed: bool  # a signing key is set: vectors are signed on put and verified on every get
 
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
         """The vector and its version, or None. Raises ``ShiftFormatError`` on damaged data."""

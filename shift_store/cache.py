@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from shift_store.base import ShiftKey, ShiftStore, StoreUnavailableError
 from shift_store.vector import ShiftFormatError, ShiftVector
@@ -17,12 +17,14 @@ log = logging.getLogger("shift_store")
 @dataclass(frozen=True)
 class Lookup:
     """Result of a lookup: the vector (or None), its version, and a note when not clean.
-    ``store_down`` says the store could not be reached for this lookup."""
+    ``store_down`` says the store could not be reached for this lookup; ``verified`` that the
+    vector's signature was checked against the deployment's key."""
 
     vector: ShiftVector | None
     version: str | None = None
     note: str | None = None
     store_down: bool = False
+    verified: bool = False
 
 
 @dataclass
@@ -75,21 +77,21 @@ class CachedShiftSource:
         try:
             version = self.store.version(self.key)
             if version is not None and version == known.version and known.vector is not None:
-                lookup = Lookup(known.vector, known.version)  # clean again after an outage
+                lookup = replace(known, note=None, store_down=False)  # clean after an outage
             elif version is None:
                 lookup = Lookup(None, note="no dataset-level shift stored for this model")
             else:
                 found = self.store.get(self.key)
-                lookup = Lookup(*found) if found else Lookup(None, note="vanished during read")
+                lookup = (
+                    Lookup(*found, verified=self.store.signed)
+                    if found
+                    else Lookup(None, note="vanished during read")
+                )
         except StoreUnavailableError as e:
             log.warning("shift store unreachable: %s", e)
             note = f"store unreachable ({e})"
-            lookup = Lookup(
-                known.vector,
-                known.version,
-                note + ("; using the cached vector" if known.vector else ""),
-                store_down=True,
-            )
+            note += "; using the cached vector" if known.vector else ""
+            lookup = replace(known, note=note, store_down=True)
         except ShiftFormatError as e:
             lookup = Lookup(None, note=f"stored shift rejected: {e}")
         self._entry = _Entry(lookup, now)
@@ -131,5 +133,5 @@ class CachedShiftSource:
                 log.info("computed and stored shift %s", self.key.name)
         except StoreUnavailableError as e:
             return Lookup(None, note=f"store unreachable ({e})", store_down=True)
-        self._entry = _Entry(Lookup(vector, version), self._clock())
+        self._entry = _Entry(Lookup(vector, version, verified=self.store.signed), self._clock())
         return self._entry.lookup

@@ -49,7 +49,14 @@ def _version(st: os.stat_result) -> str:
 class LocalShiftStore:
     """Vectors as ``<folder>/<namespace>/<key>.safetensors``, written by temp file and rename."""
 
-    def __init__(self, folder: str | Path | None = None, namespace: str = "default") -> None:
+    def __init__(
+        self,
+        folder: str | Path | None = None,
+        namespace: str = "default",
+        signing_key: bytes | None = None,
+    ) -> None:
+        self._signing_key = signing_key
+        self.signed = signing_key is not None
         root = Path(folder or platformdirs.user_cache_dir("cmrm-guardrail")) / "shifts"
         self.namespace = namespace
         self.folder = root / namespace
@@ -79,7 +86,7 @@ class LocalShiftStore:
         except FileNotFoundError:
             return None
         try:
-            return ShiftVector.from_bytes(payload), version
+            return ShiftVector.from_bytes(payload, self._signing_key), version
         except ShiftFormatError as e:
             log.warning("rejected shift file %s: %s", path, e)
             raise
@@ -89,7 +96,7 @@ class LocalShiftStore:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f"{_TMP}{os.getpid()}-", suffix=_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(vector.to_bytes())
+                f.write(vector.to_bytes(self._signing_key))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(key))

@@ -52,11 +52,17 @@ class RedisShiftStore:
     version), written in one ``HSET`` so that no reader ever sees half a vector."""
 
     def __init__(
-        self, client: redis.Redis, namespace: str = "default", ttl_s: int | None = None
+        self,
+        client: redis.Redis,
+        namespace: str = "default",
+        ttl_s: int | None = None,
+        signing_key: bytes | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl_s = ttl_s
+        self._signing_key = signing_key
+        self.signed = signing_key is not None
         self._prefix = f"cmrm:{namespace}:"
 
     def __repr__(self) -> str:
@@ -86,7 +92,7 @@ class RedisShiftStore:
         if payload is None:
             return None
         try:
-            vector = ShiftVector.from_bytes(payload)
+            vector = ShiftVector.from_bytes(payload, self._signing_key)
         except ShiftFormatError as e:
             log.warning("rejected shift under %s: %s", self.redis_key(key), e)
             raise
@@ -98,7 +104,7 @@ class RedisShiftStore:
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
         name = self.redis_key(key)
         mapping: dict[bytes | bytearray | memoryview | str | int | float, bytes | str] = {
-            "payload": vector.to_bytes(),
+            "payload": vector.to_bytes(self._signing_key),
             "meta": vector.meta.model_dump_json(),
             "sha256": vector.checksum,
         }

@@ -6,6 +6,7 @@ This module knows tensors and metadata only; the engine (``guardrail``) computes
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,15 +18,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the checksum covers the metadata; optional HMAC signature
 _TENSOR = "shift"
 _OPTIONAL_TENSORS = ("decode_vectors", "anchor_mean", "anchor_std")
 _META = "cmrm_meta"
+_SIGNATURE = "hmac-sha256"
 _MAX_HEADER = 1 << 20
 
 
 class ShiftFormatError(ValueError):
     """A serialized shift vector cannot be parsed, or its checksum, shape or dtype is wrong."""
+
+
+class ShiftSignatureError(ShiftFormatError):
+    """A signing key is configured and the vector is unsigned or signed with another key."""
 
 
 class ModelFingerprint(BaseModel):
@@ -99,7 +105,12 @@ class ShiftVector:
             if not bool(torch.isfinite(tensor).all()):
                 raise ShiftFormatError("shift vectors contain NaN or infinity")
             digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update(self.meta.model_dump_json().encode())  # metadata is covered too
         object.__setattr__(self, "checksum", digest.hexdigest())
+
+    def signature(self, key: bytes) -> str:
+        """HMAC-SHA256 of the checksum (so of every tensor and the metadata) under ``key``."""
+        return hmac.new(key, self.checksum.encode(), hashlib.sha256).hexdigest()
 
     @property
     def norms(self) -> torch.Tensor:
@@ -107,9 +118,12 @@ class ShiftVector:
         norms: torch.Tensor = self.vectors.norm(dim=-1)
         return norms
 
-    def to_bytes(self) -> bytes:
-        """Serialize as safetensors, metadata and checksum inside. Never pickle."""
+    def to_bytes(self, signing_key: bytes | None = None) -> bytes:
+        """Serialize as safetensors, metadata and checksum inside (and an HMAC signature with
+        ``signing_key``). Never pickle."""
         header = {_META: self.meta.model_dump_json(), "sha256": self.checksum}
+        if signing_key is not None:
+            header[_SIGNATURE] = self.signature(signing_key)
         tensors = {_TENSOR: self.vectors.contiguous()}
         for name in _OPTIONAL_TENSORS:
             if getattr(self, name) is not None:
@@ -117,8 +131,10 @@ class ShiftVector:
         return st_save(tensors, metadata=header)
 
     @classmethod
-    def from_bytes(cls, payload: bytes) -> ShiftVector:
-        """Parse :meth:`to_bytes` output; raise :class:`ShiftFormatError` on anything amiss."""
+    def from_bytes(cls, payload: bytes, signing_key: bytes | None = None) -> ShiftVector:
+        """Parse :meth:`to_bytes` output; raise :class:`ShiftFormatError` on anything amiss,
+        and :class:`ShiftSignatureError` when ``signing_key`` is given and the payload is not
+        signed with it."""
         try:
             tensors = st_load(payload)
             header = _safetensors_metadata(payload)
@@ -129,6 +145,12 @@ class ShiftVector:
             raise ShiftFormatError(f"unreadable shift payload: {e}") from e
         if vector.checksum != header.get("sha256"):
             raise ShiftFormatError("shift payload checksum mismatch")
+        if signing_key is not None:
+            signature = header.get(_SIGNATURE)
+            if signature is None:
+                raise ShiftSignatureError("unsigned shift vector refused: a signing key is set")
+            if not hmac.compare_digest(signature, vector.signature(signing_key)):
+                raise ShiftSignatureError("shift vector signature does not match the key")
         return vector
 
 

@@ -13,7 +13,8 @@ from guardrail import (
     GuardUnavailableError,
     ShiftMismatchError,
 )
-from shift_store import FORMAT_VERSION, LocalShiftStore, open_store
+from guardrail.testing import anchor_prompts, fixture_path
+from shift_store import FORMAT_VERSION, LocalShiftStore, ShiftVector, open_store
 
 
 def test_from_pretrained_with_store_computes_once_then_hits(tiny_path, tmp_path, image):
@@ -100,3 +101,60 @@ def test_shift_checks_cover_corruption_position_and_format(tiny_vlm):
         wrong = type(shift)(vectors=shift.vectors, meta=shift.meta.model_copy(update=update))
         with pytest.raises(ShiftMismatchError, match=message):
             tiny_vlm.check_shift(wrong)
+
+
+def _poisoned(shift, foreign):
+    def like(vectors, decode):
+        return ShiftVector(
+            vectors=vectors,
+            meta=shift.meta,
+            decode_vectors=decode,
+            anchor_mean=shift.anchor_mean,
+            anchor_std=shift.anchor_std,
+        )
+
+    v, d = shift.vectors, shift.decode_vectors
+    return {
+        "negated": like(-v, -d),
+        "times 100": like(v * 100, d * 100),
+        "zeroed": like(v * 0, d * 0),
+        "filled with 1e30": like(torch.full_like(v, 1e30), torch.full_like(d, 1e30)),
+        "another model's, relabelled": like(foreign.vectors, foreign.decode_vectors),
+    }
+
+
+def test_poisoned_vectors_are_refused_and_the_call_runs_at_sample_level(tiny_path, tmp_path, image):
+    store = LocalShiftStore(tmp_path)
+    vlm = GuardedVLM.from_pretrained(str(tiny_path), store=store)
+    genuine = vlm.dataset_shift
+    out = vlm.generate("What is this?", [image], max_new_tokens=2)
+    assert out.decision.mode_used == "dataset" and out.decision.shift_verified is False
+    other = GuardedVLM.from_pretrained(str(fixture_path("tiny-llava_next")))
+    foreign = other.compute_dataset_shift(anchor_prompts(), progress=False, activate=False)
+    key = vlm.shifts.source.key
+    for name, poisoned in _poisoned(genuine, foreign).items():
+        store.put(key, poisoned)
+        fresh = GuardedVLM.from_pretrained(str(tiny_path))
+        fresh.use_store(store, compute_on_miss=False)
+        out = fresh.generate("What is this?", [image], max_new_tokens=2)
+        assert out.decision.mode_used == "sample", name
+        assert "implausible" in out.decision.fallbacks[0], name
+        strict = fresh.with_config(GuardConfig(mode="dataset"))
+        with pytest.raises(GuardUnavailableError, match="no dataset-level shift"):
+            strict.generate("What is this?", [image], max_new_tokens=2)
+    store.put(key, genuine)  # the genuine vector back: accepted again
+    fresh = GuardedVLM.from_pretrained(str(tiny_path))
+    assert fresh.use_store(store, compute_on_miss=False).vector is not None
+
+
+def test_a_signed_store_records_verified_vectors(tiny_path, tmp_path, image, monkeypatch):
+    monkeypatch.setenv("CMRM_TEST_SIGNING_KEY", "deployment secret")
+    url = f"file://{tmp_path}?key_env=CMRM_TEST_SIGNING_KEY"
+    vlm = GuardedVLM.from_pretrained(str(tiny_path), store=url)
+    out = vlm.generate("What is this?", [image], max_new_tokens=2)
+    assert out.decision.mode_used == "dataset" and out.decision.shift_verified is True
+    unsigned = LocalShiftStore(tmp_path)  # a writer without the key
+    unsigned.put(vlm.shifts.source.key, vlm.dataset_shift)
+    fresh = GuardedVLM.from_pretrained(str(tiny_path))
+    lookup = fresh.use_store(open_store(url), compute_on_miss=False)
+    assert lookup.vector is None and "unsigned" in lookup.note
