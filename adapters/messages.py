@@ -46,9 +46,14 @@ def _role(message: BaseMessage) -> str:
     raise UnsupportedContentError(f"{type(message).__name__} is not supported (no tool calling)")
 
 
-def _decode_base64(data: object) -> bytes:
+def _decode_base64(data: object, max_bytes: int) -> bytes:
+    """Inline image bytes, under the same byte cap as a remote image."""
     if not isinstance(data, str):
         raise InvalidImageError(f"image data must be base64 text, not {type(data).__name__}")
+    if len(data) // 4 * 3 > max_bytes:
+        raise InvalidImageError(
+            f"inline image of about {len(data) // 4 * 3} bytes exceeds {max_bytes}"
+        )
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -57,7 +62,7 @@ def _decode_base64(data: object) -> bytes:
 
 def _image_bytes(block: dict[str, Any], fetcher: RemoteImageFetcher) -> tuple[bytes, ImageSource]:
     if block.get("base64"):
-        return _decode_base64(block["base64"]), "inline"
+        return _decode_base64(block["base64"], fetcher.max_bytes), "inline"
     url = block.get("url") or ""
     if not isinstance(url, str):
         raise InvalidImageError(f"image URL must be text, not {type(url).__name__}")
@@ -65,7 +70,7 @@ def _image_bytes(block: dict[str, Any], fetcher: RemoteImageFetcher) -> tuple[by
         header, _, data = url.partition(",")
         if ";base64" not in header:
             raise InvalidImageError("data URLs must be base64-encoded")
-        return _decode_base64(data), "inline"
+        return _decode_base64(data, fetcher.max_bytes), "inline"
     if url:
         return fetcher.fetch(url), "remote"
     raise InvalidImageError("image block has neither data nor URL")

@@ -1,16 +1,23 @@
 """Fetching remote images safely (httpx): no private addresses, bounded size and time.
 
-Every hop of a redirect chain is checked: scheme http/https, an optional host allow list, and
-every address the host resolves to must be public (not loopback, private, link-local, multicast,
-reserved or unspecified). A remaining risk is DNS rebinding between the check and httpx's own
-resolution; deployments that need more should fetch through an egress proxy.
+Every hop of a redirect chain is checked: scheme http/https, no credentials, an optional host
+allow list, and every address the host resolves to must be public (not loopback, private,
+link-local, multicast, reserved or unspecified, nor an IPv6 form that embeds such an IPv4
+address: IPv4-mapped, IPv4-compatible, 6to4, Teredo, NAT64). The connection then goes to the
+address that was checked (the Host header and the TLS server name stay the URL's host), so a
+DNS answer that changes between check and connect (rebinding) cannot redirect it. One deadline
+bounds the whole fetch, redirects and a slowly dripping body included. Query strings are kept
+out of httpx's request log lines.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
 import socket
+import time
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit
 
 import httpx
@@ -23,6 +30,8 @@ class ImageFetchError(InvalidImageError):
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 MAX_URL_LENGTH = 8192
 
 
@@ -42,11 +51,42 @@ def _parse(url: object) -> SplitResult:
     return parts
 
 
+def _embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, compatible, 6to4, Teredo, NAT64)."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    if address.ipv4_mapped or address.sixtofour:
+        return address.ipv4_mapped or address.sixtofour
+    if address.teredo:
+        return address.teredo[1]
+    if any(address in n for n in _NAT64) or address.packed[:12] == bytes(12):
+        return ipaddress.IPv4Address(address.packed[-4:])
+    return None
+
+
+class _RedactQuery(logging.Filter):
+    """Drops query strings and user info from the URLs in httpx's request log lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                httpx.URL(scheme=a.scheme, host=a.host, port=a.port, path=a.path)
+                if isinstance(a, httpx.URL)
+                else a
+                for a in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactQuery())
+
+
 class RemoteImageFetcher:
     """Fetches image bytes from http(s) URLs under the rules above.
 
     ``allow_hosts`` (exact host names) restricts where images may come from; ``allow_networks``
     opts specific non-public networks back in (for example an internal CDN, or tests).
+    ``timeout_s`` is the deadline of the whole fetch.
     """
 
     def __init__(
@@ -62,43 +102,73 @@ class RemoteImageFetcher:
         self.allow_networks: list[Network] = [ipaddress.ip_network(n) for n in allow_networks]
         self.max_bytes, self.timeout_s, self.max_redirects = max_bytes, timeout_s, max_redirects
 
-    def _check_url(self, url: str) -> None:
-        parts = _parse(url)
+    def _allowed(self, address: Address) -> bool:
+        if any(address in n for n in self.allow_networks):
+            return True
+        embedded = _embedded_ipv4(address)
+        if embedded is not None and not self._allowed(embedded):
+            return False
+        return address.is_global
+
+    def _checked_address(self, parts: SplitResult) -> Address:
+        """The address to connect to: every address of the host must be allowed."""
         if parts.scheme not in ("http", "https"):
             raise ImageFetchError(f"image URL scheme {parts.scheme!r} is not allowed")
+        if parts.username is not None or parts.password is not None:
+            raise ImageFetchError("image URLs with credentials are not allowed")
         host = (parts.hostname or "").lower()
         if not host:
             raise ImageFetchError("image URL has no host")
         if self.allow_hosts is not None and host not in self.allow_hosts:
             raise ImageFetchError(f"image host {host!r} is not in the allow list")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            infos = socket.getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as e:
             raise ImageFetchError(f"cannot resolve image host {host!r}: {e}") from e
-        for info in infos:
-            address = ipaddress.ip_address(info[4][0])
-            if not address.is_global and not any(address in n for n in self.allow_networks):
+        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+        for address in addresses:
+            if not self._allowed(address):
                 raise ImageFetchError(f"image host {host!r} resolves to non-public {address}")
+        return addresses[0]
 
     def fetch(self, url: str) -> bytes:
         """The image bytes at ``url``, or :class:`ImageFetchError`."""
-        timeout = httpx.Timeout(self.timeout_s)
-        with httpx.Client(follow_redirects=False, timeout=timeout, trust_env=False) as client:
+        deadline = time.monotonic() + self.timeout_s
+        with httpx.Client(follow_redirects=False, trust_env=False) as client:
             for _ in range(self.max_redirects + 1):
-                self._check_url(url)
+                parts = _parse(url)
+                address = self._checked_address(parts)
                 try:
-                    with client.stream("GET", url) as response:
+                    with client.stream(**self._pinned(parts, address, deadline)) as response:
                         if response.is_redirect:
                             url = urljoin(url, response.headers.get("location", ""))
                             continue
-                        return self._read(response)
+                        return self._read(response, deadline)
                 except httpx.TimeoutException as e:
                     raise ImageFetchError(f"timed out fetching image: {e}") from e
                 except httpx.HTTPError as e:
                     raise ImageFetchError(f"could not fetch image: {e}") from e
         raise ImageFetchError(f"more than {self.max_redirects} redirects")
 
-    def _read(self, response: httpx.Response) -> bytes:
+    @staticmethod
+    def _pinned(parts: SplitResult, address: Address, deadline: float) -> dict[str, Any]:
+        """Request arguments that connect to ``address`` while speaking to the URL's host."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ImageFetchError("timed out fetching image: deadline passed")
+        host = parts.hostname or ""
+        target = httpx.URL(parts.geturl()).copy_with(host=str(address))
+        extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+        return {
+            "method": "GET",
+            "url": target,
+            "headers": {"Host": parts.netloc},
+            "timeout": httpx.Timeout(remaining),
+            "extensions": extensions,
+        }
+
+    def _read(self, response: httpx.Response, deadline: float) -> bytes:
         if response.status_code != 200:
             raise ImageFetchError(f"image URL answered HTTP {response.status_code}")
         content_type = response.headers.get("content-type", "")
@@ -112,4 +182,6 @@ class RemoteImageFetcher:
             body += chunk
             if len(body) > self.max_bytes:
                 raise ImageFetchError(f"image exceeds {self.max_bytes} bytes")
+            if time.monotonic() > deadline:
+                raise ImageFetchError("timed out fetching image: deadline passed mid-body")
         return bytes(body)

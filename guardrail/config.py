@@ -47,6 +47,8 @@ class GuardConfig(BaseModel):
       says so in the decision record.
     * ``trim_references`` - sample level: run the two reference rows only up to the deepest edited
       layer (later layers and the LM head skip them). Exact; off only to measure what it saves.
+    * ``max_image_pixels`` - the pixel budget of one input image: larger ones are refused from
+      their header before decoding (JPEGs are decoded at a reduced scale when that fits).
     * ``check_plausibility`` - before a stored dataset-level shift is first used, compare it
       with a live measurement on a few anchor prompts and refuse it when it is not this
       model's shift (see ``guardrail.plausibility``).
@@ -65,6 +67,7 @@ class GuardConfig(BaseModel):
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
     trim_references: bool = True
     check_plausibility: bool = True
+    max_image_pixels: int = Field(default=16_000_000, ge=1)
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         """The configured layers of a ``num_layers`` decoder, as sorted non-negative indices."""

@@ -344,7 +344,7 @@ class GuardedVLM:
         """Render and plan one request; bad input and fail-closed plans raise typed errors
         with their decision record (logged)."""
         try:
-            rendering = render_request(request)
+            rendering = render_request(request, self.config.max_image_pixels)
             reject_placeholders(rendering, self.backend.placeholders)
             if request.shift is not None:
                 self.check_shift(request.shift)

@@ -13,14 +13,18 @@ from guardrail.config import CorruptionSpec
 from guardrail.errors import InvalidImageError
 
 ImageInput = Image.Image | bytes | str | Path
-MAX_PIXELS = 64_000_000  # larger images are refused as absurd (a 8000x8000 photo is 64 MP)
+# Default pixel budget: 16 MP (4096 x 4096), far above what any VLM processor works at. An image
+# above it is refused from its header, before any pixel is decoded; a JPEG is decoded at a
+# reduced scale instead (draft mode), which costs less than a full decode.
+MAX_PIXELS = 16_000_000
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Open and fully decode an image as RGB, or raise :class:`InvalidImageError`.
+def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and decode an image as RGB, or raise :class:`InvalidImageError`.
 
     Takes a PIL image, raw bytes or a local path. Truncated files, non-image data, decompression
-    bombs and absurd dimensions are refused with a clear message.
+    bombs and images over ``max_pixels`` are refused with a clear message (a JPEG over the
+    budget is decoded at 1/2, 1/4 or 1/8 scale instead, if that fits).
     """
     try:
         if isinstance(source, Image.Image):
@@ -32,8 +36,15 @@ def load_image(source: ImageInput) -> Image.Image:
         else:
             raise InvalidImageError(f"unsupported image type {type(source).__name__}")
         width, height = image.size
-        if width < 1 or height < 1 or width * height > MAX_PIXELS:
-            raise InvalidImageError(f"image dimensions {width}x{height} are out of range")
+        if width * height > max_pixels and image.format == "JPEG":
+            scale = next((k for k in (2, 4, 8) if width * height <= max_pixels * k * k), 8)
+            image.draft("RGB", (width // scale, height // scale))
+            width, height = image.size
+        if width < 1 or height < 1 or width * height > max_pixels:
+            raise InvalidImageError(
+                f"image dimensions {width}x{height} are out of range "
+                f"(at most {max_pixels:,} pixels)"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()

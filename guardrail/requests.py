@@ -11,7 +11,7 @@ from PIL import Image
 
 from guardrail.config import CorruptionSpec, Mode
 from guardrail.errors import InvalidInputError, MissingImagePlaceholderError
-from guardrail.images import ImageInput, corruption_image, load_image
+from guardrail.images import MAX_PIXELS, ImageInput, corruption_image, load_image
 from shift_store import ShiftVector
 
 Message = dict[str, Any]
@@ -54,9 +54,10 @@ def _is_image_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "image"
 
 
-def render_request(request: GuardRequest) -> Rendering:
-    """Validate ``request`` and decode its images (raises typed errors on bad input)."""
-    images = [load_image(image) for image in request.images]
+def render_request(request: GuardRequest, max_pixels: int = MAX_PIXELS) -> Rendering:
+    """Validate ``request`` and decode its images, each within ``max_pixels`` (raises typed
+    errors on bad input)."""
+    images = [load_image(image, max_pixels) for image in request.images]
     if isinstance(request.prompt, str):
         parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
         return Rendering([{"role": "user", "content": parts}], images)

@@ -8,9 +8,11 @@ import contextlib
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 import torch
@@ -46,6 +48,8 @@ def openai_image(data: bytes = PNG, text: str = "What is in this picture?") -> H
 
 
 class _Handler(BaseHTTPRequestHandler):
+    hosts: ClassVar[list[str | None]] = []  # Host headers received
+
     def do_GET(self):
         port = self.server.server_address[1]
         routes = {
@@ -63,6 +67,18 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if self.path == "/slow.png":
             time.sleep(2)
+        if self.path == "/drip.png":  # answers at once, then one byte every 0.3 s
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", "20")
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(20):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            return
+        type(self).hosts.append(self.headers.get("Host"))
         status, kind, body, headers = routes.get(self.path, (200, "image/png", PNG, {}))
         self.send_response(status)
         self.send_header("Content-Type", kind)
@@ -519,3 +535,64 @@ def test_a_bad_image_in_a_coalesced_batch_gets_one_record_and_the_others_answer(
     assert all(r.response_metadata["safety"]["guarded"] for r in (results[0], results[2]))
     modes = [d["mode_used"] for d in _decisions(caplog)]
     assert modes.count("refused") == 1 and len(modes) == 3
+
+
+def test_inline_images_have_the_same_byte_cap_as_remote_ones(tiny_path, tmp_path):
+    chat = ChatGuardedVLM(
+        model=str(tiny_path),
+        app="cap",
+        store=f"file://{tmp_path}",
+        max_tokens=2,
+        max_image_bytes=len(PNG) - 1,
+    )
+    with pytest.raises(InvalidImageError, match="exceeds"):
+        chat.invoke([openai_image(PNG)])
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "::127.0.0.1",
+        "::ffff:127.0.0.1",
+        "64:ff9b::a00:1",
+        "2002:a00:1::",
+        "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+    ],
+)
+def test_ipv6_forms_that_embed_a_private_ipv4_address_are_refused(address):
+    with pytest.raises(ImageFetchError, match="non-public"):
+        RemoteImageFetcher().fetch(f"http://[{address}]/x.png")
+
+
+def test_one_deadline_bounds_a_slowly_dripping_answer(image_server):
+    fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"], timeout_s=1.0)
+    with pytest.raises(ImageFetchError, match="deadline"):
+        fetcher.fetch(f"{image_server}/drip.png")  # each byte comes well within a read timeout
+
+
+def test_the_connection_goes_to_the_checked_address(image_server, monkeypatch):
+    """DNS rebinding: the name answers a permitted address for the check, then another one."""
+    port = int(image_server.rsplit(":", 1)[1])
+    answers = iter(["127.0.0.1", "127.0.0.2"])
+    real = socket.getaddrinfo
+
+    def rebinding(host, *args, **kwargs):
+        if host != "images.test":
+            return real(host, *args, **kwargs)
+        address = next(answers)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"])
+    assert fetcher.fetch(f"http://images.test:{port}/img.png") == PNG
+    assert _Handler.hosts[-1] == f"images.test:{port}"  # the URL's host, not the address
+
+
+def test_credentials_are_refused_and_query_strings_never_logged(image_server, caplog):
+    fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"])
+    with pytest.raises(ImageFetchError, match="credentials"):
+        fetcher.fetch(image_server.replace("http://", "http://user:secret@") + "/img.png")
+    with caplog.at_level(logging.DEBUG, logger="httpx"):
+        assert fetcher.fetch(f"{image_server}/img.png?token=SECRET-TOKEN") == PNG
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "HTTP Request" in logged and "SECRET-TOKEN" not in logged

@@ -353,3 +353,26 @@ def test_the_callers_tokenizer_is_left_as_it_was(tiny_path, image):
     guarded, _ = strict.next_token_logits([GuardRequest("What is it?", [blank])])
     assert (guarded - text).abs().max() < 1e-3  # the shorter text-only row was left-padded
     assert processor.tokenizer.padding_side == "right"
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_images_over_the_pixel_budget_are_refused_before_decoding(tiny_vlm):
+    huge_png = _encoded(Image.new("RGBA", (8000, 8000)), "PNG")  # 64 MP in a few hundred kB
+    assert len(huge_png) < 1_000_000
+    with pytest.raises(InvalidImageError, match="at most 16,000,000 pixels") as info:
+        tiny_vlm.generate("What?", [huge_png], max_new_tokens=2)
+    assert info.value.decision.mode_used == "refused"
+    strict = tiny_vlm.with_config(GuardConfig(max_image_pixels=1_000))
+    with pytest.raises(InvalidImageError, match="at most 1,000 pixels"):
+        strict.generate("What?", [synthetic_image(1, (48, 40))], max_new_tokens=2)
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale():
+    jpeg = _encoded(synthetic_image(2, (6000, 3000)), "JPEG")  # 18 MP
+    rendering = render_request(GuardRequest("What?", [jpeg]))
+    assert rendering.images[0].size == (3000, 1500)  # 1/2 scale: within the 16 MP budget
