@@ -43,9 +43,11 @@ class ChatGuardedVLM(BaseChatModel):
     ``model_type`` does not (see ``guardrail.families``). ``store`` is a shift store URL
     (None: the embedded folder store); the store namespace is ``app``. The dataset-level
     shift is looked up under ``anchor_name`` and, on a miss, computed from ``anchors``
-    (default: the bundled set). ``trust_policy`` is one of ``always-trusted``,
-    ``always-untrusted``, ``image-source``, ``anchor-distance`` or your own
-    :class:`~guardrail.trust.TrustPolicy`; ``invoke(..., trust="untrusted")`` overrides it.
+    (default: the bundled set). ``trust_policy`` is one of ``image-source`` (the default:
+    images the application passes inline are trusted, remote URLs are not, since whoever
+    controls the URL controls the image), ``always-trusted``, ``always-untrusted``,
+    ``anchor-distance`` or your own :class:`~guardrail.trust.TrustPolicy`;
+    ``invoke(..., trust="untrusted")`` overrides it. Untrusted calls get a sample-level shift.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -59,7 +61,7 @@ class ChatGuardedVLM(BaseChatModel):
     store: str | None = None
     anchor_name: str = BUNDLED_ANCHORS
     anchors: list[str] | None = None
-    trust_policy: str | TrustPolicy = "always-trusted"
+    trust_policy: str | TrustPolicy = "image-source"
     max_tokens: int = 256
     stop: list[str] | None = None
     temperature: float = 0.0

@@ -133,10 +133,13 @@ def test_all_image_formats_offline(tiny_chat, image_server):
             ]
         ),
     ]
+    modes = []
     for message in messages:
         safety = tiny_chat.invoke([message]).response_metadata["safety"]
         assert safety["multimodal"] and safety["guarded"] and safety["app"] == "tiny-app"
-        assert safety["mode_used"] == "dataset"
+        modes.append(safety["mode_used"])
+    # the default trust policy: inline images trusted, a remote URL untrusted (sample level)
+    assert modes == ["dataset"] * (len(messages) - 1) + ["sample"]
 
 
 def test_several_images_in_one_message(tiny_chat):
