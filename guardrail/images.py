@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from pathlib import Path
 
@@ -13,18 +14,24 @@ from guardrail.config import CorruptionSpec
 from guardrail.errors import InvalidImageError
 
 ImageInput = Image.Image | bytes | str | Path
-# Default pixel budget: 16 MP (4096 x 4096), far above what any VLM processor works at. An image
-# above it is refused from its header, before any pixel is decoded; a JPEG is decoded at a
-# reduced scale instead (draft mode), which costs less than a full decode.
+# Default pixel budget: 16 MP (4096 x 4096). An image above it is refused from its header,
+# before any pixel is decoded; a JPEG is decoded at a reduced scale instead (draft mode).
 MAX_PIXELS = 16_000_000
+# Working size: 4 MP, above what the supported processors work at (Qwen2-VL at most about 1 MP
+# by default, Idefics3 2.1 MP, Llama-3.2-Vision 1.3 MP, LLaVA-NeXT and Gemma 3 less), so a larger
+# image is reduced right after decoding, before any copy (the processor would shrink it anyway).
+WORKING_PIXELS = 4_000_000
 
 
-def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(
+    source: ImageInput, max_pixels: int = MAX_PIXELS, working_pixels: int = WORKING_PIXELS
+) -> Image.Image:
     """Open and decode an image as RGB, or raise :class:`InvalidImageError`.
 
     Takes a PIL image, raw bytes or a local path. Truncated files, non-image data, decompression
-    bombs and images over ``max_pixels`` are refused with a clear message (a JPEG over the
-    budget is decoded at 1/2, 1/4 or 1/8 scale instead, if that fits).
+    bombs and images over ``max_pixels`` are refused with a clear message (a JPEG is decoded at
+    1/2, 1/4 or 1/8 scale when that is enough). An image over ``working_pixels`` is reduced
+    by an integer factor (aspect ratio kept) before it is converted or copied.
     """
     try:
         if isinstance(source, Image.Image):
@@ -36,9 +43,9 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         else:
             raise InvalidImageError(f"unsupported image type {type(source).__name__}")
         width, height = image.size
-        if width * height > max_pixels and image.format == "JPEG":
-            scale = next((k for k in (2, 4, 8) if width * height <= max_pixels * k * k), 8)
-            image.draft("RGB", (width // scale, height // scale))
+        if width * height > working_pixels and image.format == "JPEG":
+            factor = _reduction(width, height, working_pixels)
+            image.draft("RGB", (width // factor, height // factor))  # decodes at 1/2..1/8
             width, height = image.size
         if width < 1 or height < 1 or width * height > max_pixels:
             raise InvalidImageError(
@@ -48,6 +55,8 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
+        if width * height > working_pixels:
+            image = image.reduce(_reduction(width, height, working_pixels))
         return image if image.mode == "RGB" else image.convert("RGB")
     except InvalidImageError:
         raise
@@ -59,6 +68,11 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise InvalidImageError(f"not a readable image: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InvalidImageError(f"corrupt or truncated image: {e}") from e
+
+
+def _reduction(width: int, height: int, pixels: int) -> int:
+    """The smallest integer factor that brings ``width x height`` within ``pixels``."""
+    return max(1, math.ceil(math.sqrt(width * height / pixels)))
 
 
 def corruption_image(spec: CorruptionSpec, size: tuple[int, int]) -> Image.Image:

@@ -55,8 +55,8 @@ def _is_image_part(part: Any) -> bool:
 
 
 def render_request(request: GuardRequest, max_pixels: int = MAX_PIXELS) -> Rendering:
-    """Validate ``request`` and decode its images, each within ``max_pixels`` (raises typed
-    errors on bad input)."""
+    """Validate ``request`` and decode its images, each within ``max_pixels`` and reduced to a
+    working size (raises typed errors on bad input)."""
     images = [load_image(image, max_pixels) for image in request.images]
     if isinstance(request.prompt, str):
         parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]

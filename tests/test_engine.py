@@ -372,7 +372,10 @@ def test_images_over_the_pixel_budget_are_refused_before_decoding(tiny_vlm):
         strict.generate("What?", [synthetic_image(1, (48, 40))], max_new_tokens=2)
 
 
-def test_a_large_jpeg_is_decoded_at_a_reduced_scale():
-    jpeg = _encoded(synthetic_image(2, (6000, 3000)), "JPEG")  # 18 MP
-    rendering = render_request(GuardRequest("What?", [jpeg]))
-    assert rendering.images[0].size == (3000, 1500)  # 1/2 scale: within the 16 MP budget
+def test_large_images_are_reduced_to_a_working_size_right_after_decoding():
+    jpeg = _encoded(synthetic_image(2, (6000, 3000)), "JPEG")  # 18 MP: over the budget
+    assert render_request(GuardRequest("What?", [jpeg])).images[0].size == (1500, 750)
+    png = _encoded(synthetic_image(3, (4000, 3000)), "PNG")  # 12 MP: within the budget
+    assert render_request(GuardRequest("What?", [png])).images[0].size == (2000, 1500)
+    small = synthetic_image(4, (640, 480))
+    assert render_request(GuardRequest("What?", [small])).images[0].size == (640, 480)
