@@ -12,9 +12,11 @@ out of httpx's request log lines.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -81,6 +83,34 @@ class _RedactQuery(logging.Filter):
 logging.getLogger("httpx").addFilter(_RedactQuery())
 
 
+class _Deadline:
+    """One deadline for a whole fetch: when it passes, the connection being read is shut down,
+    which ends a read blocked on a server that drips its answer."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+        self._socket: socket.socket | None = None
+        self._timer = threading.Timer(seconds, self._cut)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @property
+    def passed(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def watch(self, response: httpx.Response) -> None:
+        stream = response.extensions.get("network_stream")
+        self._socket = stream.get_extra_info("socket") if stream is not None else None
+
+    def _cut(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
 class RemoteImageFetcher:
     """Fetches image bytes from http(s) URLs under the rules above.
 
@@ -134,21 +164,27 @@ class RemoteImageFetcher:
 
     def fetch(self, url: str) -> bytes:
         """The image bytes at ``url``, or :class:`ImageFetchError`."""
-        deadline = time.monotonic() + self.timeout_s
-        with httpx.Client(follow_redirects=False, trust_env=False) as client:
-            for _ in range(self.max_redirects + 1):
-                parts = _parse(url)
-                address = self._checked_address(parts)
-                try:
-                    with client.stream(**self._pinned(parts, address, deadline)) as response:
-                        if response.is_redirect:
-                            url = urljoin(url, response.headers.get("location", ""))
-                            continue
-                        return self._read(response, deadline)
-                except httpx.TimeoutException as e:
-                    raise ImageFetchError(f"timed out fetching image: {e}") from e
-                except httpx.HTTPError as e:
-                    raise ImageFetchError(f"could not fetch image: {e}") from e
+        deadline = _Deadline(self.timeout_s)
+        try:
+            with httpx.Client(follow_redirects=False, trust_env=False) as client:
+                return self._follow(client, url, deadline)
+        except httpx.HTTPError as e:
+            if deadline.passed or isinstance(e, httpx.TimeoutException):
+                raise ImageFetchError(f"timed out fetching image: deadline passed ({e})") from e
+            raise ImageFetchError(f"could not fetch image: {e}") from e
+        finally:
+            deadline.cancel()
+
+    def _follow(self, client: httpx.Client, url: str, deadline: _Deadline) -> bytes:
+        for _ in range(self.max_redirects + 1):
+            parts = _parse(url)
+            address = self._checked_address(parts)
+            with client.stream(**self._pinned(parts, address, deadline.at)) as response:
+                deadline.watch(response)
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("location", ""))
+                    continue
+                return self._read(response, deadline.at)
         raise ImageFetchError(f"more than {self.max_redirects} redirects")
 
     @staticmethod
