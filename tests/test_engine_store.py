@@ -158,3 +158,13 @@ def test_a_signed_store_records_verified_vectors(tiny_path, tmp_path, image, mon
     fresh = GuardedVLM.from_pretrained(str(tiny_path))
     lookup = fresh.use_store(open_store(url), compute_on_miss=False)
     assert lookup.vector is None and "unsigned" in lookup.note
+
+
+def test_a_damaged_store_entry_never_stops_the_application(tiny_path, namespace, image):
+    url = f"redis://127.0.0.1:6379/0?namespace={namespace}"
+    first = GuardedVLM.from_pretrained(str(tiny_path), store=url)
+    store = open_store(url)
+    store.client.hset(store.redis_key(first.shifts.source.key), "sha256", b"\xff\xfe")
+    again = GuardedVLM.from_pretrained(str(tiny_path), store=url)  # recomputes and rewrites
+    out = again.generate("What is this?", [image], max_new_tokens=2)
+    assert out.decision.mode_used == "dataset" and out.decision.fallbacks == []
