@@ -10,7 +10,8 @@ import torch
 
 from shift_store import ShiftVector
 
-ImageSource = Literal["app", "inline", "remote"]
+# Where an image came from: the application, inline data, a remote URL, or a tool's result.
+ImageSource = Literal["app", "inline", "remote", "tool"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class AlwaysUntrusted:
 
 class ByImageSource:
     """Trusted only when every image came from a trusted source (default: supplied by the app
-    itself or inline data; remote URLs are untrusted)."""
+    itself or inline data; remote URLs and images returned by tools are untrusted)."""
 
     def __init__(self, trusted_sources: tuple[ImageSource, ...] = ("app", "inline")) -> None:
         self.trusted_sources = set(trusted_sources)

@@ -599,3 +599,11 @@ def test_credentials_are_refused_and_query_strings_never_logged(image_server, ca
         assert fetcher.fetch(f"{image_server}/img.png?token=SECRET-TOKEN") == PNG
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "HTTP Request" in logged and "SECRET-TOKEN" not in logged
+
+
+def test_the_default_policy_trusts_inline_images_only():
+    policy = ByImageSource()
+    assert policy.classify(TrustInput(("inline", "app"), lambda: None), None).trusted
+    for source in ("remote", "tool"):
+        verdict = policy.classify(TrustInput(("inline", source), lambda: None), None)
+        assert not verdict.trusted and source in verdict.reason
