@@ -147,15 +147,9 @@ class GuardedVLM:
         """The dataset-level shift and how it was found. A stored vector is checked against a
         live measurement before its first use (``GuardConfig.check_plausibility``)."""
         lookup = self.shifts.current()
-        if lookup.vector is None or self.shifts.source is None:
+        if self.shifts.source is None or not self.config.check_plausibility:
             return lookup
-        if not self.config.check_plausibility:
-            return lookup
-        problem = plausibility_check(self.backend, self.config.corruption).verdict(lookup.vector)
-        if problem is None:
-            return lookup
-        note = f"stored shift refused as implausible: {problem}"
-        return Lookup(None, lookup.version, note, lookup.store_down)
+        return plausibility_check(self.backend, self.config.corruption).vetted(lookup)
 
     def use_store(
         self,

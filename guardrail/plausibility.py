@@ -21,7 +21,7 @@ from guardrail import calibration
 from guardrail.anchors import bundled_anchor_prompts
 from guardrail.backends import Backend
 from guardrail.config import CorruptionSpec
-from shift_store import ShiftVector
+from shift_store import Lookup, ShiftVector
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,14 @@ class PlausibilityCheck:
         if shift.checksum not in self._verdicts:
             self._verdicts[shift.checksum] = self.problem(shift)
         return self._verdicts[shift.checksum]
+
+    def vetted(self, lookup: Lookup) -> Lookup:
+        """``lookup``, or a miss saying why its vector was refused."""
+        problem = None if lookup.vector is None else self.verdict(lookup.vector)
+        if problem is None:
+            return lookup
+        note = f"stored shift refused as implausible: {problem}"
+        return Lookup(None, lookup.version, note, lookup.store_down)
 
     def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Live mean shift at the prompt and at answer tokens: two ``[layers, hidden]``."""
