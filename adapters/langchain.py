@@ -13,7 +13,9 @@ import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
+from langchain_core.caches import BaseCache
 from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
@@ -21,6 +23,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from pydantic import ConfigDict, Field, PrivateAttr
 from transformers import TextIteratorStreamer
 
+from adapters.caching import GuardedCache, cache_key_params
 from adapters.coalescing import RequestCoalescer
 from adapters.messages import to_conversation
 from adapters.remote_images import RemoteImageFetcher
@@ -97,6 +100,9 @@ class ChatGuardedVLM(BaseChatModel):
             timeout_s=self.image_timeout_s,
         )
         self._coalescer = RequestCoalescer(self._run_batch, self.batch_window_ms / 1000)
+        if self.cache is not False and not isinstance(self.cache, GuardedCache):
+            inner = self.cache if isinstance(self.cache, BaseCache) else None
+            self.cache = GuardedCache(inner, get_llm_cache)
 
     @property
     def _llm_type(self) -> str:
@@ -104,7 +110,18 @@ class ChatGuardedVLM(BaseChatModel):
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
-        return {"model": self.model, "app": self.app, "alpha": self.alpha, "mode": self.mode}
+        """Everything that changes an answer or its guarding (the LLM cache key)."""
+        own = {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in BaseChatModel.model_fields
+        }
+        guard = {
+            "config": self._vlm.config.model_dump(mode="json"),
+            "model": self._vlm.fingerprint.id,
+            "shift_key": self._vlm.shifts.key_name,
+        }
+        return cache_key_params(own, guard)
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)

@@ -16,7 +16,9 @@ from typing import ClassVar
 
 import pytest
 import torch
+from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.globals import set_llm_cache
 from langchain_core.messages import HumanMessage, SystemMessage
 from PIL import Image
 
@@ -607,3 +609,46 @@ def test_the_default_policy_trusts_inline_images_only():
     for source in ("remote", "tool"):
         verdict = policy.classify(TrustInput(("inline", source), lambda: None), None)
         assert not verdict.trusted and source in verdict.reason
+
+
+# ---------------------------------------------------------------- the LLM cache
+
+
+@pytest.fixture()
+def llm_cache():
+    cache = InMemoryCache()
+    set_llm_cache(cache)
+    yield cache
+    set_llm_cache(None)
+
+
+def test_an_unguarded_answer_is_never_cached_for_a_fail_closed_instance(
+    tiny_path, own_redis, llm_cache
+):
+    url = f"{own_redis.url}?retries=0"
+    own_redis.kill()
+    common = dict(model=str(tiny_path), app="cache", mode="dataset", store=url, max_tokens=3)
+    lenient = ChatGuardedVLM(**common, on_unavailable="unguarded")
+    assert lenient.invoke([openai_image()]).response_metadata["safety"]["mode_used"] == "unguarded"
+    assert llm_cache._cache == {}  # not written
+    strict = ChatGuardedVLM(**common)
+    with pytest.raises(GuardUnavailableError):
+        strict.invoke([openai_image()])
+
+
+def test_the_cache_key_covers_the_guard_and_a_hit_is_a_new_logged_decision(
+    tiny_path, tmp_path, llm_cache, caplog
+):
+    store = f"file://{tmp_path}"
+    one = ChatGuardedVLM(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(1,))
+    two = ChatGuardedVLM(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(2,))
+    three = ChatGuardedVLM(model=str(tiny_path), app="c", store=store, max_tokens=4, layers=(1,))
+    first = one.invoke([openai_image()]).response_metadata["safety"]
+    assert two.invoke([openai_image()]).response_metadata["safety"]["layers"] == [2]
+    three.invoke([openai_image()])
+    assert len(llm_cache._cache) == 3  # other layers, other max_tokens: other keys
+    with caplog.at_level(logging.INFO, logger="guardrail.decisions"):
+        again = one.invoke([openai_image()]).response_metadata["safety"]
+    assert again["call_id"] != first["call_id"] and again["layers"] == [1]
+    assert any("replayed from the LLM cache" in f for f in again["fallbacks"])
+    assert [d["call_id"] for d in _decisions(caplog)] == [again["call_id"]]
