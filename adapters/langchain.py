@@ -8,20 +8,26 @@ LangChain callbacks as the custom event ``guardrail_decision``. No tool calling.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import torch
 from langchain_core.caches import BaseCache
-from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    CallbackManager,
+    CallbackManagerForLLMRun,
+    dispatch_custom_event,
+)
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from pydantic import ConfigDict, Field, PrivateAttr
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from adapters.caching import GuardedCache, cache_key_params
 from adapters.coalescing import RequestCoalescer
@@ -36,6 +42,18 @@ from guardrail.trust import POLICIES, TrustInput, TrustPolicy
 from shift_store import open_store
 
 Trust = Literal["trusted", "untrusted"]
+
+
+class _StopWhen(StoppingCriteria):
+    """Ends generation for every row once ``event`` is set (a stream's consumer went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
 
 
 class ChatGuardedVLM(BaseChatModel):
@@ -218,7 +236,10 @@ class ChatGuardedVLM(BaseChatModel):
         return text[: min(cuts)] if cuts else text
 
     def _report(self, output: GuardedOutput, run_manager: CallbackManagerForLLMRun | None) -> None:
-        if run_manager is None:
+        """Send the decision to callbacks as the custom event ``guardrail_decision``."""
+        if run_manager is None:  # streaming paths: the run's callbacks come from the context
+            with contextlib.suppress(RuntimeError):  # called outside any run: nobody listens
+                dispatch_custom_event("guardrail_decision", output.decision.model_dump(mode="json"))
             return
         dispatcher = CallbackManager(
             run_manager.handlers,
@@ -260,10 +281,15 @@ class ChatGuardedVLM(BaseChatModel):
             self._vlm.tokenizer, skip_prompt=True, skip_special_tokens=True
         )
         result: dict[str, Any] = {}
+        consumer_gone = threading.Event()
 
         def work() -> None:
             try:
-                settings = {**self._settings(stop, kwargs), "streamer": streamer}
+                settings = {
+                    **self._settings(stop, kwargs),
+                    "streamer": streamer,
+                    "stopping_criteria": StoppingCriteriaList([_StopWhen(consumer_gone)]),
+                }
                 outcome = self._run_batch([request], settings)[0]
                 if isinstance(outcome, GuardrailError):
                     raise outcome
@@ -274,21 +300,23 @@ class ChatGuardedVLM(BaseChatModel):
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        emitted, held = "", ""
+        held = ""
         keep = max((len(s) for s in stop or []), default=1) - 1
-        for piece in streamer:
-            held += piece
-            safe = self._cut_at_stop(held, stop)
-            if safe != held:  # a stop sequence appeared: emit up to it, then stop
-                held = safe
-                break
-            if len(held) > keep:
-                out, held = held[: len(held) - keep], held[len(held) - keep :]
-                emitted += out
-                if run_manager is not None:
-                    run_manager.on_llm_new_token(out)
-                yield ChatGenerationChunk(message=AIMessageChunk(content=out))
-        worker.join()
+        try:
+            for piece in streamer:
+                held += piece
+                safe = self._cut_at_stop(held, stop)
+                if safe != held:  # a stop sequence appeared: emit up to it, then stop
+                    held = safe
+                    break
+                if len(held) > keep:
+                    out, held = held[: len(held) - keep], held[len(held) - keep :]
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(out)
+                    yield ChatGenerationChunk(message=AIMessageChunk(content=out))
+        finally:  # the consumer stopped, or the answer is complete: generation ends either way
+            consumer_gone.set()
+            worker.join()
         if "error" in result:
             raise result["error"]
         output: GuardedOutput = result["output"]

@@ -20,6 +20,7 @@ from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
 from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.runnables import RunnableLambda
 from PIL import Image
 
 from adapters.langchain import ChatGuardedVLM
@@ -652,3 +653,40 @@ def test_the_cache_key_covers_the_guard_and_a_hit_is_a_new_logged_decision(
     assert again["call_id"] != first["call_id"] and again["layers"] == [1]
     assert any("replayed from the LLM cache" in f for f in again["fallbacks"])
     assert [d["call_id"] for d in _decisions(caplog)] == [again["call_id"]]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+class _Events(BaseCallbackHandler):
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def on_custom_event(self, name, data, **kwargs) -> None:
+        self.names.append(name)
+
+
+def test_streaming_inside_a_run_sends_the_decision_event(tiny_chat):
+    """LangGraph nodes and agents stream the model inside a run: the event reaches callbacks
+    and astream_events there (a bare top-level stream() has no run to send it to; its decision
+    is in the last chunk's response_metadata)."""
+    events = _Events()
+    node = RunnableLambda(lambda messages: "".join(c.content for c in tiny_chat.stream(messages)))
+    node.invoke([openai_image()], config={"callbacks": [events]})
+    assert events.names == ["guardrail_decision"]
+
+
+def test_closing_a_stream_stops_generation(tiny_path, tmp_path):
+    chat = ChatGuardedVLM(
+        model=str(tiny_path), app="close", store=f"file://{tmp_path}", max_tokens=200
+    )
+    passes: list[int] = []
+    embeddings = chat.guarded_model.model.get_input_embeddings()
+    handle = embeddings.register_forward_hook(lambda *args: passes.append(1))
+    try:
+        stream = chat.stream([openai_image()])
+        next(stream)
+        stream.close()  # the consumer goes away after its first chunk
+    finally:
+        handle.remove()
+    assert 0 < len(passes) < 200  # one pass per generated token, stopped early
