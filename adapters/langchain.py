@@ -44,6 +44,22 @@ from shift_store import open_store
 Trust = Literal["trusted", "untrusted"]
 
 
+# Keyword arguments a call may pass (LangChain's own tracing arguments included).
+_CALL_ARGUMENTS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "trust",
+        "model",
+        "ls_structured_output_format",
+    }
+)
+_SEEDED = threading.Lock()
+
+
 class _StopWhen(StoppingCriteria):
     """Ends generation for every row once ``event`` is set (a stream's consumer went away)."""
 
@@ -146,12 +162,17 @@ class ChatGuardedVLM(BaseChatModel):
         params.update(
             ls_provider="cmrm-guardrail",
             ls_model_name=kwargs.get("model", self.model),
-            ls_max_tokens=self.max_tokens,
-            ls_temperature=self.temperature,
+            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
+            ls_temperature=kwargs.get("temperature", self.temperature),
         )
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
+
+    def get_token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the model's own tokenizer (never a downloaded one)."""
+        ids: list[int] = self._vlm.tokenizer.encode(text, add_special_tokens=False)
+        return ids
 
     @property
     def guarded_model(self) -> GuardedVLM:
@@ -171,6 +192,12 @@ class ChatGuardedVLM(BaseChatModel):
         self, messages: list[BaseMessage], kwargs: dict[str, Any]
     ) -> GuardRequest:
         started = time.perf_counter()
+        unknown = sorted(set(kwargs) - _CALL_ARGUMENTS)
+        if unknown:
+            raise InvalidInputError(
+                f"unsupported argument(s) {', '.join(unknown)}; this chat model takes "
+                f"{', '.join(sorted(_CALL_ARGUMENTS))}"
+            )
         if kwargs.get("model", self.model) != self.model:
             raise InvalidInputError(
                 f"per-call model override is not supported: this chat model runs {self.model}"
@@ -205,6 +232,10 @@ class ChatGuardedVLM(BaseChatModel):
         }
         if temperature > 0:
             settings.update(temperature=temperature, top_p=kwargs.get("top_p", self.top_p))
+            if kwargs.get("top_k") is not None:
+                settings["top_k"] = int(kwargs["top_k"])
+            if kwargs.get("seed") is not None:
+                settings["seed"] = int(kwargs["seed"])
         if stop:
             settings["stop_strings"] = list(stop)
         return settings
@@ -213,9 +244,17 @@ class ChatGuardedVLM(BaseChatModel):
         self, requests: list[GuardRequest], settings: dict[str, Any]
     ) -> list[GuardedOutput | GuardrailError]:
         extra = {"tokenizer": self._vlm.tokenizer} if "stop_strings" in settings else {}
-        return self._vlm.generate_each(requests, **settings, **extra)
+        settings = dict(settings)
+        seed = settings.pop("seed", None)
+        if seed is None:
+            return self._vlm.generate_each(requests, **settings, **extra)
+        with _SEEDED:  # sampling draws from torch's global generator: one seeded call at a time
+            torch.manual_seed(seed)
+            return self._vlm.generate_each(requests, **settings, **extra)
 
-    def _message(self, text: str, output: GuardedOutput, cls: type = AIMessage) -> BaseMessage:
+    def _message(
+        self, text: str, output: GuardedOutput, cls: type = AIMessage, stopped: bool = False
+    ) -> BaseMessage:
         usage = UsageMetadata(
             input_tokens=output.usage.prompt_tokens,
             output_tokens=output.usage.completion_tokens,
@@ -226,6 +265,8 @@ class ChatGuardedVLM(BaseChatModel):
             usage_metadata=usage,
             response_metadata={
                 "model_name": self.model,
+                "model_provider": "cmrm-guardrail",
+                "finish_reason": "stop" if stopped else output.finish_reason,
                 "safety": output.decision.model_dump(mode="json"),
             },
         )
@@ -265,7 +306,8 @@ class ChatGuardedVLM(BaseChatModel):
         request = self._request(messages, kwargs)
         output = self._coalescer.submit(request, self._settings(stop, kwargs))
         self._report(output, run_manager)
-        message = self._message(self._cut_at_stop(output.text, stop), output)
+        text = self._cut_at_stop(output.text, stop)
+        message = self._message(text, output, stopped=text != output.text)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -300,14 +342,14 @@ class ChatGuardedVLM(BaseChatModel):
 
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
-        held = ""
+        held, stopped = "", False
         keep = max((len(s) for s in stop or []), default=1) - 1
         try:
             for piece in streamer:
                 held += piece
                 safe = self._cut_at_stop(held, stop)
                 if safe != held:  # a stop sequence appeared: emit up to it, then stop
-                    held = safe
+                    held, stopped = safe, True
                     break
                 if len(held) > keep:
                     out, held = held[: len(held) - keep], held[len(held) - keep :]
@@ -322,4 +364,5 @@ class ChatGuardedVLM(BaseChatModel):
         output: GuardedOutput = result["output"]
         self._report(output, run_manager)
         final = self._cut_at_stop(held, stop)
-        yield ChatGenerationChunk(message=self._message(final, output, AIMessageChunk))
+        stopped = stopped or final != held
+        yield ChatGenerationChunk(message=self._message(final, output, AIMessageChunk, stopped))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
@@ -29,6 +29,7 @@ class GuardedOutput:
     token_ids: list[int]
     decision: GuardDecision
     usage: Usage
+    finish_reason: Literal["stop", "length"] = "stop"  # length: ended at max_new_tokens
 
 
 def answers(
@@ -45,12 +46,14 @@ def answers(
     results = []
     for i, decision in enumerate(decisions):
         tokens = output[i, prompt_length:].tolist()
-        tokens = tokens[: next((j for j, t in enumerate(tokens) if t in stops), len(tokens))]
+        end = next((j for j, t in enumerate(tokens) if t in stops), None)
+        tokens = tokens[:end]
         usage = Usage(
             prompt_tokens=prompt_tokens[i],
             completion_tokens=len(tokens),
             total_tokens=prompt_tokens[i] + len(tokens),
         )
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        results.append(GuardedOutput(text, tokens, decision, usage))
+        reason: Literal["stop", "length"] = "stop" if end is not None else "length"
+        results.append(GuardedOutput(text, tokens, decision, usage, reason))
     return results

@@ -690,3 +690,43 @@ def test_closing_a_stream_stops_generation(tiny_path, tmp_path):
     finally:
         handle.remove()
     assert 0 < len(passes) < 200  # one pass per generated token, stopped early
+
+
+# ---------------------------------------------------------------- call settings and metadata
+
+
+def test_unknown_arguments_are_refused_with_one_record(tiny_chat, caplog):
+    with (
+        caplog.at_level(logging.INFO, logger="guardrail.decisions"),
+        pytest.raises(InvalidInputError, match=r"unsupported argument.*frobnicate"),
+    ):
+        tiny_chat.invoke([openai_image()], frobnicate=True)
+    assert [d["mode_used"] for d in _decisions(caplog)] == ["refused"]
+
+
+def test_seed_and_top_k_are_honoured(tiny_chat):
+    def sample(seed: int) -> str:
+        return tiny_chat.invoke(
+            [openai_image()], temperature=1.5, top_k=50, seed=seed, max_tokens=12
+        ).content
+
+    assert sample(7) == sample(7)
+    assert len({sample(seed) for seed in range(4)}) > 1  # the seed really changes the draw
+
+
+def test_finish_reason_provider_and_langsmith_params(tiny_chat):
+    metadata = tiny_chat.invoke([openai_image()], max_tokens=3).response_metadata
+    assert metadata["finish_reason"] in ("stop", "length")
+    assert metadata["model_provider"] == "cmrm-guardrail"
+    short = tiny_chat.invoke([openai_image()], max_tokens=1)
+    assert short.response_metadata["finish_reason"] == "length"  # cut by max_tokens
+    assert short.usage_metadata["output_tokens"] == 1
+    params = tiny_chat._get_ls_params(max_tokens=9, temperature=0.3)
+    assert (params["ls_max_tokens"], params["ls_temperature"]) == (9, 0.3)
+
+
+def test_token_counts_use_the_models_own_tokenizer(tiny_chat):
+    text = "what is the picture"
+    expected = tiny_chat.guarded_model.tokenizer.encode(text, add_special_tokens=False)
+    assert tiny_chat.get_token_ids(text) == expected
+    assert tiny_chat.get_num_tokens(text) == len(expected) > 0
