@@ -18,6 +18,7 @@ import logging
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -127,10 +128,16 @@ class RemoteImageFetcher:
         max_bytes: int = 10_000_000,
         timeout_s: float = 5.0,
         max_redirects: int = 3,
+        reuse_s: float = 300.0,
+        reuse_bytes: int = 64_000_000,
     ) -> None:
         self.allow_hosts = None if allow_hosts is None else {h.lower() for h in allow_hosts}
         self.allow_networks: list[Network] = [ipaddress.ip_network(n) for n in allow_networks]
         self.max_bytes, self.timeout_s, self.max_redirects = max_bytes, timeout_s, max_redirects
+        # Recently fetched images, so that a conversation's history is not fetched every turn.
+        self.reuse_s, self.reuse_bytes = reuse_s, reuse_bytes
+        self._recent: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._recent_lock = threading.Lock()
 
     def _allowed(self, address: Address) -> bool:
         if any(address in n for n in self.allow_networks):
@@ -163,7 +170,22 @@ class RemoteImageFetcher:
         return addresses[0]
 
     def fetch(self, url: str) -> bytes:
-        """The image bytes at ``url``, or :class:`ImageFetchError`."""
+        """The image bytes at ``url``, or :class:`ImageFetchError`. An image fetched from the
+        same URL within ``reuse_s`` seconds is reused (at most ``reuse_bytes`` are kept)."""
+        now = time.monotonic()
+        with self._recent_lock:
+            found = self._recent.get(url)
+            if found is not None and now - found[0] < self.reuse_s:
+                self._recent.move_to_end(url)
+                return found[1]
+        data = self._fetch(url)
+        with self._recent_lock:
+            self._recent[url] = (now, data)
+            while sum(len(d) for _, d in self._recent.values()) > self.reuse_bytes:
+                self._recent.popitem(last=False)
+        return data
+
+    def _fetch(self, url: str) -> bytes:
         deadline = _Deadline(self.timeout_s)
         try:
             with httpx.Client(follow_redirects=False, trust_env=False) as client:

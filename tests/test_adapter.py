@@ -730,3 +730,15 @@ def test_token_counts_use_the_models_own_tokenizer(tiny_chat):
     expected = tiny_chat.guarded_model.tokenizer.encode(text, add_special_tokens=False)
     assert tiny_chat.get_token_ids(text) == expected
     assert tiny_chat.get_num_tokens(text) == len(expected) > 0
+
+
+def test_a_remote_image_in_the_history_is_not_fetched_every_turn(image_server):
+    url = f"{image_server}/img.png?turns"
+    before = len(_Handler.hosts)
+    fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"])
+    assert fetcher.fetch(url) == fetcher.fetch(url) == PNG
+    assert len(_Handler.hosts) == before + 1  # the second turn reused the first fetch
+    forgetful = RemoteImageFetcher(allow_networks=["127.0.0.1/32"], reuse_s=0)
+    forgetful.fetch(url)
+    forgetful.fetch(url)
+    assert len(_Handler.hosts) == before + 3
