@@ -99,46 +99,22 @@ def test_calibrate_then_eval_end_to_end(tiny_path, data, capsys):
 def test_eval_reports_bad_data_clearly(tiny_path, data, capsys):
     _, images, vlsafe = data
     vlsafe.write_text(vlsafe.read_text() + '{"image_id": "gone.jpg", "query": "q"}\n')
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(tiny_path),
-                "--data",
-                str(vlsafe),
-                "--format",
-                "vlsafe",
-                "--images",
-                str(images),
-                "--modes",
-                "vlm",
-            ]
-        )
-        == 2
-    )
+    command = [
+        "eval",
+        "--model",
+        str(tiny_path),
+        "--data",
+        str(vlsafe),
+        "--format",
+        "vlsafe",
+        "--images",
+        str(images),
+        "--modes",
+        "vlm",
+    ]
+    assert main(command) == 2
     assert "vlsafe.jsonl:5: image file" in capsys.readouterr().err
-    assert (
-        main(
-            [
-                "eval",
-                "--model",
-                str(tiny_path),
-                "--data",
-                str(vlsafe),
-                "--format",
-                "vlsafe",
-                "--images",
-                str(images),
-                "--modes",
-                "vlm",
-                "--skip-bad",
-                "--max-new-tokens",
-                "2",
-            ]
-        )
-        == 0
-    )
+    assert main([*command, "--skip-bad", "--max-new-tokens", "2"]) == 0
     assert "skipped 1 bad row" in capsys.readouterr().err
 
 
