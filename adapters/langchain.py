@@ -3,15 +3,22 @@
 Drop it in wherever a chat model goes: ``invoke``, ``stream``, ``batch`` and their async forms
 work as usual. Text-only conversations pass straight through. Every call's safety decision is
 returned in ``response_metadata["safety"]``, logged on ``guardrail.decisions`` and sent to
-LangChain callbacks as the custom event ``guardrail_decision``. No tool calling.
+LangChain callbacks as the custom event ``guardrail_decision``.
+
+Tools bind as with any chat model (``bind_tools``, ``tool_choice``); ``tool_choice="any"`` or
+a named tool, ``with_structured_output`` and ``response_format`` are held to their JSON
+schema by constrained decoding. Images in tool results are guarded like any other, and trust
+policies see their source as ``tool``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import threading
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any, Literal
 
 import torch
@@ -19,14 +26,27 @@ from langchain_core.caches import BaseCache
 from langchain_core.callbacks import (
     CallbackManager,
     CallbackManagerForLLMRun,
-    dispatch_custom_event,
 )
 from langchain_core.globals import get_llm_cache
-from langchain_core.language_models import BaseChatModel, LangSmithParams
+from langchain_core.language_models import BaseChatModel, LangSmithParams, LanguageModelInput
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.output_parsers import JsonOutputParser, PydanticOutputParser
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from pydantic import ConfigDict, Field, PrivateAttr
+from langchain_core.runnables import (
+    Runnable,
+    RunnableConfig,
+    RunnableMap,
+    RunnablePassthrough,
+    ensure_config,
+)
+from langchain_core.tools import BaseTool
+from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
+from langchain_core.utils.utils import LC_ID_PREFIX
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from adapters.caching import GuardedCache, cache_key_params
@@ -36,8 +56,10 @@ from adapters.remote_images import RemoteImageFetcher
 from guardrail import GuardConfig, GuardedOutput, GuardedVLM, GuardRequest
 from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.config import Mode
+from guardrail.constraints import OutputConstraint
 from guardrail.errors import GuardrailError, InvalidInputError
 from guardrail.registry import shared_model
+from guardrail.tools import TOOL_CALL_OPEN, Tool, tool_name
 from guardrail.trust import POLICIES, TrustInput, TrustPolicy
 from shift_store import open_store
 
@@ -54,9 +76,15 @@ _CALL_ARGUMENTS = frozenset(
         "seed",
         "trust",
         "model",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "strict",  # schemas are always held strictly (constrained decoding)
+        "parallel_tool_calls",
         "ls_structured_output_format",
     }
 )
+StructuredMethod = Literal["json_schema", "function_calling", "json_mode"]
 _SEEDED = threading.Lock()
 
 
@@ -70,6 +98,51 @@ class _StopWhen(StoppingCriteria):
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.event.is_set(), device=input_ids.device)
+
+
+def _tool_choice_value(choice: Any, tools: Sequence[Tool]) -> str:
+    """LangChain's and OpenAI's spellings of ``tool_choice`` as ``auto``, ``none``,
+    ``required`` or a tool's name."""
+    if choice is None or choice == "auto":
+        return "auto"
+    if choice is False or choice == "none":
+        return "none"
+    if choice is True or choice in ("any", "required"):
+        return "required"
+    name = choice
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name") or choice.get("name")
+    names = [tool_name(tool) for tool in tools]
+    if not isinstance(name, str) or name not in names:
+        raise InvalidInputError(f"tool_choice {choice!r} names none of the tools {names}")
+    return name
+
+
+def _constraint(
+    tools: Sequence[Tool], choice: str, response_format: Any
+) -> OutputConstraint | None:
+    """What constrained decoding must hold the answer to, if anything: a tool call when one is
+    required; the response format, or a tool call when tools are offered too."""
+    answer = None if response_format is None else _response_constraint(response_format)
+    if not tools or choice == "none":
+        return answer
+    if choice == "auto":
+        return None if answer is None else answer.or_else(OutputConstraint.tool_call(tools))
+    return OutputConstraint.tool_call(tools, None if choice == "required" else choice)
+
+
+def _response_constraint(response_format: Any) -> OutputConstraint:
+    if isinstance(response_format, type) and is_basemodel_subclass(response_format):
+        return OutputConstraint.json_schema(response_format.model_json_schema())
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "json_object":
+        return OutputConstraint.any_json()
+    if kind == "json_schema" and isinstance(response_format.get("json_schema"), dict):
+        return OutputConstraint.json_schema(response_format["json_schema"]["schema"])
+    raise InvalidInputError(
+        "response_format must be {'type': 'json_object'}, {'type': 'json_schema', "
+        f"'json_schema': {{'schema': ...}}}} or a pydantic class, not {response_format!r}"
+    )
 
 
 class ChatGuardedVLM(BaseChatModel):
@@ -174,6 +247,81 @@ class ChatGuardedVLM(BaseChatModel):
         ids: list[int] = self._vlm.tokenizer.encode(text, add_special_tokens=False)
         return ids
 
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return ModelProfile(
+            text_inputs=True,
+            image_inputs=True,
+            image_url_inputs=True,
+            image_tool_message=True,
+            text_outputs=True,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            structured_output=True,
+        )
+
+    def bind_tools(
+        self,
+        tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool],
+        *,
+        tool_choice: str | dict[str, Any] | bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, AIMessage]:
+        """Offer ``tools`` to the model. ``tool_choice``: ``"auto"`` (default), ``"none"``,
+        ``"any"``/``"required"``/``True`` (some tool must be called) or a tool's name; the last
+        two are enforced by constrained decoding."""
+        formatted = [convert_to_openai_tool(t) for t in tools]
+        choice = _tool_choice_value(tool_choice, formatted)
+        return super().bind(tools=formatted, tool_choice=choice, **kwargs)
+
+    def with_structured_output(  # type: ignore[override]
+        self,
+        schema: dict[str, Any] | type | None = None,
+        *,
+        method: StructuredMethod = "json_schema",
+        include_raw: bool = False,
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, dict[str, Any] | BaseModel]:
+        """Answers parsed into ``schema`` (a pydantic class, TypedDict, JSON schema or OpenAI
+        tool). ``json_schema`` (default) holds the answer to the schema by constrained
+        decoding; ``function_calling`` forces a call to a tool named after the schema;
+        ``json_mode`` holds it to any JSON object."""
+        if method == "function_calling":
+            return super().with_structured_output(schema or {}, include_raw=include_raw, **kwargs)
+        if kwargs:
+            raise ValueError(f"unsupported arguments {sorted(kwargs)}")
+        pydantic = isinstance(schema, type) and is_basemodel_subclass(schema)
+        parser: Runnable[Any, Any] = (
+            PydanticOutputParser(pydantic_object=schema)  # type: ignore[arg-type]
+            if pydantic
+            else JsonOutputParser()
+        )
+        if method == "json_mode":
+            response_format: dict[str, Any] = {"type": "json_object"}
+        elif schema is None:
+            raise ValueError("method='json_schema' needs a schema")
+        else:
+            json_schema = (
+                schema.model_json_schema()  # type: ignore[union-attr]
+                if pydantic
+                else convert_to_json_schema(schema)
+            )
+            response_format = {"type": "json_schema", "json_schema": {"schema": json_schema}}
+        llm = self.bind(
+            response_format=response_format,
+            ls_structured_output_format={"kwargs": {"method": method}, "schema": schema},
+        )
+        if not include_raw:
+            return llm | parser
+        parsed = RunnablePassthrough.assign(
+            parsed=itemgetter("raw") | parser, parsing_error=lambda _: None
+        )
+        unparsed = RunnablePassthrough.assign(parsed=lambda _: None)
+        return RunnableMap(raw=llm) | parsed.with_fallbacks(
+            [unparsed], exception_key="parsing_error"
+        )
+
     @property
     def guarded_model(self) -> GuardedVLM:
         """The engine view this chat model runs on."""
@@ -203,8 +351,14 @@ class ChatGuardedVLM(BaseChatModel):
                 f"per-call model override is not supported: this chat model runs {self.model}"
             )
         trust: Trust | None = kwargs.get("trust")
+        tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
+        choice = _tool_choice_value(kwargs.get("tool_choice"), tools)
+        offered = dict(
+            tools=() if choice == "none" else tools,
+            constraint=_constraint(tools, choice, kwargs.get("response_format")),
+        )
         conversation = to_conversation(messages, self._fetcher)
-        request = GuardRequest(conversation.messages, conversation.images, app=self.app)
+        request = GuardRequest(conversation.messages, conversation.images, app=self.app, **offered)
         if not conversation.images:
             return request
         if trust is not None:
@@ -222,6 +376,7 @@ class ChatGuardedVLM(BaseChatModel):
             app=self.app,
             trusted=trusted,
             trust_reason=reason,
+            **offered,
         )
 
     def _settings(self, stop: list[str] | None, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -253,15 +408,34 @@ class ChatGuardedVLM(BaseChatModel):
             return self._vlm.generate_each(requests, **settings, **extra)
 
     def _message(
-        self, text: str, output: GuardedOutput, cls: type = AIMessage, stopped: bool = False
+        self, content: str, output: GuardedOutput, cls: type = AIMessage, stopped: bool = False
     ) -> BaseMessage:
         usage = UsageMetadata(
             input_tokens=output.usage.prompt_tokens,
             output_tokens=output.usage.completion_tokens,
             total_tokens=output.usage.total_tokens,
         )
+        calls: dict[str, Any]
+        if cls is AIMessageChunk:  # a stream's last chunk: the calls, each as one whole chunk
+            written = [(c.name, json.dumps(c.arguments), c.id) for c in output.tool_calls]
+            written += [(c.name, c.text, c.id) for c in output.invalid_tool_calls]
+            chunks = [
+                tool_call_chunk(name=name, args=args, id=id_, index=i)
+                for i, (name, args, id_) in enumerate(written)
+            ]
+            calls = {"tool_call_chunks": chunks}
+        else:
+            calls = {
+                "tool_calls": [
+                    tool_call(name=c.name, args=c.arguments, id=c.id) for c in output.tool_calls
+                ],
+                "invalid_tool_calls": [
+                    invalid_tool_call(name=c.name, args=c.text, id=c.id, error=c.error)
+                    for c in output.invalid_tool_calls
+                ],
+            }
         return cls(
-            content=text,
+            content=content,
             usage_metadata=usage,
             response_metadata={
                 "model_name": self.model,
@@ -269,6 +443,7 @@ class ChatGuardedVLM(BaseChatModel):
                 "finish_reason": "stop" if stopped else output.finish_reason,
                 "safety": output.decision.model_dump(mode="json"),
             },
+            **calls,
         )
 
     @staticmethod
@@ -277,10 +452,9 @@ class ChatGuardedVLM(BaseChatModel):
         return text[: min(cuts)] if cuts else text
 
     def _report(self, output: GuardedOutput, run_manager: CallbackManagerForLLMRun | None) -> None:
-        """Send the decision to callbacks as the custom event ``guardrail_decision``."""
-        if run_manager is None:  # streaming paths: the run's callbacks come from the context
-            with contextlib.suppress(RuntimeError):  # called outside any run: nobody listens
-                dispatch_custom_event("guardrail_decision", output.decision.model_dump(mode="json"))
+        """Send the decision to the run's callbacks as the custom event ``guardrail_decision``
+        (``stream``/``astream`` run ``_stream`` without a run manager: they report it there)."""
+        if run_manager is None:
             return
         dispatcher = CallbackManager(
             run_manager.handlers,
@@ -293,7 +467,56 @@ class ChatGuardedVLM(BaseChatModel):
             "guardrail_decision", output.decision.model_dump(mode="json"), run_id=run_manager.run_id
         )
 
+    def _announce(self, chunk: AIMessageChunk, config: RunnableConfig | None) -> None:
+        """From ``stream``/``astream``: the decision on the last chunk to the stream's run (its
+        id is in the chunk's message id), like :meth:`_report` does for other paths."""
+        safety = chunk.response_metadata.get("safety")
+        if not safety:
+            return
+        config = ensure_config(config)
+        manager = CallbackManager.configure(
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            config.get("metadata"),
+            self.metadata,
+        )
+        run_id = (chunk.id or "").removeprefix(f"{LC_ID_PREFIX}-")
+        manager.on_custom_event(
+            "guardrail_decision", safety, run_id=uuid.UUID(run_id) if run_id else uuid.uuid4()
+        )
+
     # ----------------------------------------------------------------- LangChain API
+
+    def stream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Iterator[AIMessageChunk]:
+        streams = self._should_stream(async_api=False, **{**kwargs, "stream": True})
+        for chunk in super().stream(input, config, stop=stop, **kwargs):
+            if streams:  # otherwise it ran invoke, which reported the decision itself
+                self._announce(chunk, config)
+            yield chunk
+
+    async def astream(
+        self,
+        input: LanguageModelInput,
+        config: RunnableConfig | None = None,
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> AsyncIterator[AIMessageChunk]:
+        streams = self._should_stream(async_api=True, **{**kwargs, "stream": True})
+        async for chunk in super().astream(input, config, stop=stop, **kwargs):
+            if streams:
+                self._announce(chunk, config)
+            yield chunk
 
     def _generate(
         self,
@@ -306,8 +529,8 @@ class ChatGuardedVLM(BaseChatModel):
         request = self._request(messages, kwargs)
         output = self._coalescer.submit(request, self._settings(stop, kwargs))
         self._report(output, run_manager)
-        text = self._cut_at_stop(output.text, stop)
-        message = self._message(text, output, stopped=text != output.text)
+        text = self._cut_at_stop(output.answer, stop)
+        message = self._message(text, output, stopped=text != output.answer)
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     def _stream(
@@ -343,7 +566,8 @@ class ChatGuardedVLM(BaseChatModel):
         worker = threading.Thread(target=work, daemon=True)
         worker.start()
         held, stopped = "", False
-        keep = max((len(s) for s in stop or []), default=1) - 1
+        markers = [*(stop or []), *([TOOL_CALL_OPEN] if request.tools else [])]
+        keep = max((len(s) for s in markers), default=1) - 1
         try:
             for piece in streamer:
                 held += piece
@@ -351,6 +575,8 @@ class ChatGuardedVLM(BaseChatModel):
                 if safe != held:  # a stop sequence appeared: emit up to it, then stop
                     held, stopped = safe, True
                     break
+                if request.tools and TOOL_CALL_OPEN in held:
+                    continue  # tool calls: sent whole in the last chunk, once parsed
                 if len(held) > keep:
                     out, held = held[: len(held) - keep], held[len(held) - keep :]
                     if run_manager is not None:
@@ -363,6 +589,6 @@ class ChatGuardedVLM(BaseChatModel):
             raise result["error"]
         output: GuardedOutput = result["output"]
         self._report(output, run_manager)
-        final = self._cut_at_stop(held, stop)
-        stopped = stopped or final != held
+        final = self._cut_at_stop(held.split(TOOL_CALL_OPEN)[0] if request.tools else held, stop)
+        stopped = stopped or final != held.split(TOOL_CALL_OPEN)[0]
         yield ChatGenerationChunk(message=self._message(final, output, AIMessageChunk, stopped))

@@ -1,4 +1,5 @@
-"""LangChain messages to engine requests: roles, text and images (with where they came from)."""
+"""LangChain messages to engine requests: roles, text, images (with where they came from),
+tool calls and tool results."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from langchain_core.messages import (
     ChatMessage,
     HumanMessage,
     SystemMessage,
+    ToolMessage,
 )
 
 from adapters.remote_images import RemoteImageFetcher
@@ -41,9 +43,11 @@ def _role(message: BaseMessage) -> str:
         return "user"
     if isinstance(message, AIMessage):
         return "assistant"
+    if isinstance(message, ToolMessage):
+        return "tool"
     if isinstance(message, ChatMessage):
         return message.role
-    raise UnsupportedContentError(f"{type(message).__name__} is not supported (no tool calling)")
+    raise UnsupportedContentError(f"{type(message).__name__} is not supported")
 
 
 def _decode_base64(data: object, max_bytes: int) -> bytes:
@@ -76,10 +80,24 @@ def _image_bytes(block: dict[str, Any], fetcher: RemoteImageFetcher) -> tuple[by
     raise InvalidImageError("image block has neither data nor URL")
 
 
+def _tool_calls(message: AIMessage) -> list[dict[str, Any]]:
+    """An AI message's tool calls in the chat-template form."""
+    return [
+        {
+            "type": "function",
+            "id": call.get("id"),
+            "function": {"name": call["name"], "arguments": call["args"]},
+        }
+        for call in message.tool_calls
+    ]
+
+
 def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher) -> Conversation:
-    """Convert LangChain messages (OpenAI ``image_url`` blocks, v1 image blocks, plain text)."""
+    """Convert LangChain messages (OpenAI ``image_url`` blocks, v1 image blocks, plain text,
+    tool calls and tool results). An image in a tool result has the source ``tool``."""
     conversation = Conversation()
     for message in messages:
+        role = _role(message)
         parts: list[dict[str, Any]] = []
         for block in message.content_blocks:
             kind = block.get("type")
@@ -88,7 +106,7 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
             elif kind == "image":
                 data, source = _image_bytes(block, fetcher)
                 conversation.images.append(data)
-                conversation.sources.append(source)
+                conversation.sources.append("tool" if role == "tool" else source)
                 parts.append({"type": "image"})
             elif kind in ("reasoning", "tool_call", "tool_call_chunk", "invalid_tool_call"):
                 continue  # history the model produced itself; no text to replay
@@ -98,5 +116,12 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
         content: str | list[dict[str, Any]] = (
             parts if has_image else "".join(p["text"] for p in parts)
         )
-        conversation.messages.append({"role": _role(message), "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        if isinstance(message, AIMessage) and message.tool_calls:
+            entry["tool_calls"] = _tool_calls(message)
+        if isinstance(message, ToolMessage):
+            entry["tool_call_id"] = message.tool_call_id
+            if message.name:
+                entry["name"] = message.name
+        conversation.messages.append(entry)
     return conversation

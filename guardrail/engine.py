@@ -24,7 +24,7 @@ from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import GuardrailError, GuardUnavailableError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
-from guardrail.outputs import GuardedOutput, answers
+from guardrail.outputs import GuardedOutput, answers, with_tool_calls
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
 from guardrail.plausibility import plausibility_check
 from guardrail.requests import (
@@ -300,13 +300,21 @@ class GuardedVLM:
             return []
         batch, prepared_ms = self._prepare(planned, started)
         generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens}
+        constraints = {i: r.constraint for i, r in enumerate(requests) if r.constraint is not None}
+        if constraints:
+            processors = list(generation.get("logits_processor") or [])
+            generation["logits_processor"] = [*processors, self.backend.constrained(constraints)]
         output = self.backend.generate(
             batch.inputs, batch.layer_plan, request_rows=batch.request_rows, **generation
         )
         decisions = self._decisions(requests, batch, prepared_ms)
-        return answers(
+        outputs = answers(
             batch.inputs, output, decisions, self.backend.stop_token_ids(), self.tokenizer
         )
+        return [
+            with_tool_calls(out, request.tools) if request.tools else out
+            for out, request in zip(outputs, requests, strict=True)
+        ]
 
     def next_token_logits(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -11,6 +11,9 @@ from pydantic import BaseModel
 
 from guardrail.backends import Inputs
 from guardrail.decision import GuardDecision
+from guardrail.tools import InvalidToolCall, Tool, ToolCall, parse_tool_calls
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class Usage(BaseModel):
@@ -23,13 +26,35 @@ class Usage(BaseModel):
 
 @dataclass(frozen=True)
 class GuardedOutput:
-    """The answer to one request, with the guard's decision record."""
+    """The answer to one request, with the guard's decision record. ``text`` is the whole
+    answer; when tools were offered, ``content`` is its text outside ``tool_calls``."""
 
     text: str
     token_ids: list[int]
     decision: GuardDecision
     usage: Usage
-    finish_reason: Literal["stop", "length"] = "stop"  # length: ended at max_new_tokens
+    finish_reason: FinishReason = "stop"  # length: ended at max_new_tokens
+    tool_calls: tuple[ToolCall, ...] = ()
+    invalid_tool_calls: tuple[InvalidToolCall, ...] = ()
+    content: str | None = None
+
+    @property
+    def answer(self) -> str:
+        """The answer's text, without its tool calls."""
+        return self.text if self.content is None else self.content
+
+
+def with_tool_calls(output: GuardedOutput, tools: Sequence[Tool]) -> GuardedOutput:
+    """``output`` with the tool calls in its text parsed out."""
+    content, calls, invalid = parse_tool_calls(output.text, tools)
+    reason: FinishReason = "tool_calls" if calls else output.finish_reason
+    return replace(
+        output,
+        content=content,
+        tool_calls=tuple(calls),
+        invalid_tool_calls=tuple(invalid),
+        finish_reason=reason,
+    )
 
 
 def answers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,8 +11,10 @@ from typing import Any
 from PIL import Image
 
 from guardrail.config import CorruptionSpec, Mode
+from guardrail.constraints import OutputConstraint
 from guardrail.errors import InvalidInputError, MissingImagePlaceholderError
 from guardrail.images import MAX_PIXELS, ImageInput, corruption_image, load_image
+from guardrail.tools import Tool, check_tools
 from shift_store import ShiftVector
 
 Message = dict[str, Any]
@@ -25,7 +28,9 @@ class GuardRequest:
     content holds ``{"type": "image"}`` parts, one per image, in order. ``alpha``, ``mode`` and
     ``shift`` override the model's :class:`~guardrail.GuardConfig` for this request only.
     ``trusted=False`` forces a sample-level shift; ``app`` and ``trust_reason`` are recorded in
-    the decision.
+    the decision. ``tools`` (OpenAI function definitions) are offered to the model in the
+    request row and in both reference rows; ``constraint`` restricts the answer's form (the
+    reference rows are not constrained: they follow the request row's tokens).
     """
 
     prompt: str | Sequence[Message]
@@ -36,14 +41,17 @@ class GuardRequest:
     app: str | None = None
     trusted: bool | None = None
     trust_reason: str | None = None
+    tools: Sequence[Tool] = ()
+    constraint: OutputConstraint | None = None
 
 
 @dataclass(frozen=True)
 class Rendering:
-    """Chat messages plus decoded images, ready for the processor."""
+    """Chat messages plus decoded images (and the tools offered), ready for the processor."""
 
     messages: list[Message]
     images: list[Image.Image] = field(default_factory=list)
+    tools: tuple[Tool, ...] = ()
 
     @property
     def multimodal(self) -> bool:
@@ -58,9 +66,11 @@ def render_request(request: GuardRequest, max_pixels: int = MAX_PIXELS) -> Rende
     """Validate ``request`` and decode its images, each within ``max_pixels`` and reduced to a
     working size (raises typed errors on bad input)."""
     images = [load_image(image, max_pixels) for image in request.images]
+    tools = tuple(request.tools)
+    check_tools(tools)
     if isinstance(request.prompt, str):
         parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
-        return Rendering([{"role": "user", "content": parts}], images)
+        return Rendering([{"role": "user", "content": parts}], images, tools)
     messages = copy.deepcopy(list(request.prompt))
     placeholders = 0
     for message in messages:
@@ -77,26 +87,22 @@ def render_request(request: GuardRequest, max_pixels: int = MAX_PIXELS) -> Rende
         raise InvalidInputError(
             f"the prompt has {placeholders} image placeholder(s) but {len(images)} image(s)"
         )
-    return Rendering(messages, images)
+    return Rendering(messages, images, tools)
 
 
 def reject_placeholders(rendering: Rendering, placeholders: Sequence[str]) -> None:
-    """Refuse message text that contains the model's image placeholder tokens: images enter only
-    as image parts, so typed placeholders would desynchronise text and images."""
-    for message in rendering.messages:
-        content = message["content"]
-        texts = (
-            [content]
-            if isinstance(content, str)
-            else [str(part.get("text", "")) for part in content if isinstance(part, dict)]
-        )
-        for text in texts:
-            found = [p for p in placeholders if p and p in text]
-            if found:
-                raise InvalidInputError(
-                    f"message text contains the reserved placeholder {found[0]!r}; "
-                    "attach images as image parts"
-                )
+    """Refuse text anywhere in the conversation (messages, tool calls, tool definitions) that
+    contains the model's image placeholder tokens: images enter only as image parts, so typed
+    placeholders would desynchronise text and images."""
+    texts = [json.dumps(message, ensure_ascii=False) for message in rendering.messages]
+    texts += [json.dumps(dict(tool), ensure_ascii=False) for tool in rendering.tools]
+    for text in texts:
+        found = [p for p in placeholders if p and p in text]
+        if found:
+            raise InvalidInputError(
+                f"message text contains the reserved placeholder {found[0]!r}; "
+                "attach images as image parts"
+            )
 
 
 def text_only(rendering: Rendering) -> Rendering:
@@ -107,7 +113,7 @@ def text_only(rendering: Rendering) -> Rendering:
         if not isinstance(content, str):
             content = [p for p in content if not _is_image_part(p)]
         messages.append({**message, "content": content})
-    return Rendering(messages)
+    return Rendering(messages, tools=rendering.tools)
 
 
 def corrupted(
@@ -120,11 +126,11 @@ def corrupted(
     """
     if rendering.images:
         images = [corruption_image(spec, image.size) for image in rendering.images]
-        return Rendering(rendering.messages, images)
+        return Rendering(rendering.messages, images, rendering.tools)
     messages = copy.deepcopy(rendering.messages)
     last_user = next(m for m in reversed(messages) if m["role"] == "user")
     content = last_user["content"]
     if isinstance(content, str):
         content = [{"type": "text", "text": content}]
     last_user["content"] = [{"type": "image"}, *content]
-    return Rendering(messages, [corruption_image(spec, default_size)])
+    return Rendering(messages, [corruption_image(spec, default_size)], rendering.tools)

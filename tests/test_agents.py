@@ -31,16 +31,6 @@ def test_create_agent_without_tools_guards_multimodal_turns(chat):
     assert answer.response_metadata["safety"]["mode_used"] == "dataset"
 
 
-def test_agent_with_tools_is_refused_clearly(chat):
-    @tool
-    def add(a: int, b: int) -> int:
-        """Add two numbers."""
-        return a + b
-
-    with pytest.raises(NotImplementedError):
-        create_agent(model=chat, tools=[add]).invoke({"messages": [HumanMessage("1+2?")]})
-
-
 def test_inside_a_langgraph_graph(chat):
     class State(TypedDict):
         messages: Annotated[list[AnyMessage], add_messages]

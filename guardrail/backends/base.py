@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -10,6 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from guardrail.backends.hooks import LayerPlan
+from guardrail.constraints import OutputConstraint
 from guardrail.families import ModelFamily
 from guardrail.requests import Rendering
 from shift_store import ModelFingerprint
@@ -37,6 +38,7 @@ class Backend(Protocol):
     image_layers: tuple[int, ...]  # layers that run only with an image (cross-attention)
     placeholders: tuple[str, ...]  # image/video placeholder tokens, never allowed in user text
     tokenizer: PreTrainedTokenizerBase
+    takes_tools: bool  # the chat template renders tools itself
 
     @property
     def device(self) -> torch.device: ...
@@ -66,6 +68,11 @@ class Backend(Protocol):
     ) -> torch.Tensor:
         """Generate with ``plan`` applied; rows past ``request_rows`` are reference rows that
         never stop generation nor reach a streamer. Returns prompt plus new token ids."""
+        ...
+
+    def constrained(self, constraints: Mapping[int, OutputConstraint]) -> Any:
+        """A logits processor for :meth:`generate` that holds the batch rows named in
+        ``constraints`` to their constraint and leaves the other rows alone."""
         ...
 
     def stop_token_ids(self) -> set[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -10,6 +10,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
+    LogitsProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     StoppingCriteriaList,
@@ -17,11 +18,14 @@ from transformers import (
 
 from guardrail.backends.base import Inputs, Processor
 from guardrail.backends.fingerprint import fingerprint_model
+from guardrail.backends.grammar import GrammarCompiler
 from guardrail.backends.hooks import DecoderHooks, LayerPlan
 from guardrail.backends.processors import load_processor
 from guardrail.backends.streaming import FirstRowStreamer, ReferenceRowsDone
+from guardrail.constraints import OutputConstraint
 from guardrail.families import ModelFamily, family_for, family_named
 from guardrail.requests import Rendering
+from guardrail.tools import prompt_messages, takes_tools
 
 
 class TransformersBackend:
@@ -47,6 +51,9 @@ class TransformersBackend:
         self.image_layers = self.family.image_layers(model.config)
         self.placeholders = _placeholders(processor, self.tokenizer)
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
+        template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
+        self.takes_tools = takes_tools(template if isinstance(template, str) else None)
+        self._grammars: GrammarCompiler | None = None
         self.hooks = DecoderHooks(
             self.layers, model.get_input_embeddings(), model.get_output_embeddings()
         )
@@ -89,12 +96,7 @@ class TransformersBackend:
     def encode(
         self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
     ) -> Inputs:
-        texts = [
-            self.processor.apply_chat_template(
-                r.messages, add_generation_prompt=True, tokenize=False
-            )
-            for r in renderings
-        ]
+        texts = [self._prompt(r) for r in renderings]
         images: list[Any] | None
         if self.family.images_per_row:
             images = [list(r.images) for r in renderings]
@@ -118,6 +120,27 @@ class TransformersBackend:
                 extra = mask[:, -1:].expand(-1, continuation.shape[1], *mask.shape[2:])
                 inputs["cross_attention_mask"] = torch.cat([mask, extra], dim=1)
         return dict(inputs.to(self.device))
+
+    def _prompt(self, rendering: Rendering) -> str:
+        """The chat template's text for ``rendering`` (tools through the template when it takes
+        them, else in the documented prompt format of :mod:`guardrail.tools`)."""
+        messages, tools = rendering.messages, rendering.tools
+        if not self.takes_tools:
+            messages, tools = prompt_messages(messages, tools), ()
+        text = self.processor.apply_chat_template(
+            messages,
+            tools=[dict(t) for t in tools] or None,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        return str(text)
+
+    def constrained(self, constraints: Mapping[int, OutputConstraint]) -> LogitsProcessor:
+        """A logits processor holding the batch rows in ``constraints`` to their constraint."""
+        if self._grammars is None:
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])
+            self._grammars = GrammarCompiler(self.tokenizer, vocab, self.stop_token_ids())
+        return self._grammars.processor(constraints)
 
     @torch.no_grad()
     def forward(
