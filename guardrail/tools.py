@@ -163,7 +163,7 @@ def call_schema(tools: Sequence[Tool], name: str | None = None) -> dict[str, Any
             "type": "object",
             "properties": {
                 "name": {"const": tool_name(tool)},
-                "arguments": tool["function"].get("parameters") or {"type": "object"},
+                "arguments": _arguments_schema(tool),
             },
             "required": ["name", "arguments"],
             "additionalProperties": False,
@@ -171,6 +171,14 @@ def call_schema(tools: Sequence[Tool], name: str | None = None) -> dict[str, Any
         for tool in chosen
     ]
     return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def _arguments_schema(tool: Tool) -> dict[str, Any]:
+    """A tool's parameter schema; one that names no parameters takes none (``{}``)."""
+    parameters = dict(tool["function"].get("parameters") or {})
+    if not parameters.get("properties"):
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return parameters
 
 
 def _written_call(call: Mapping[str, Any]) -> str:

@@ -39,6 +39,26 @@ class _Params:
     def returns_usage_metadata(self) -> bool:
         return True
 
+    @property
+    def has_tool_calling(self) -> bool:
+        return True
+
+    @property
+    def has_tool_choice(self) -> bool:
+        return True
+
+    @property
+    def has_structured_output(self) -> bool:
+        return True
+
+    @property
+    def supports_json_mode(self) -> bool:
+        return True
+
+    @property
+    def supports_image_tool_message(self) -> bool:
+        return True
+
 
 class TestChatGuardedVLMUnit(_Params, ChatModelUnitTests):
     pass

@@ -45,11 +45,9 @@ def _grammar(constraint: OutputConstraint) -> xgr.Grammar:
 
 
 def _form(form: JsonForm) -> xgr.Grammar:
-    body = (
-        xgr.Grammar.builtin_json_grammar()
-        if form.schema is None
-        else xgr.Grammar.from_json_schema(form.schema, any_whitespace=False)
-    )
+    # No free whitespace: a small model can otherwise pad its JSON with blanks forever.
+    schema = form.schema if form.schema is not None else '{"type": "object"}'
+    body = xgr.Grammar.from_json_schema(schema, any_whitespace=False)
     if form.prefix:
         body = xgr.Grammar.concat(_literal(form.prefix), body)
     if form.suffix:
@@ -78,8 +76,9 @@ class RowGrammars(LogitsProcessor):
             self._bitmask = xgr.allocate_token_bitmask(input_ids.shape[0], self.vocab_size)
         if self._started:
             for row, matcher in list(self.matchers.items()):
-                if matcher.is_terminated() or not matcher.accept_token(int(input_ids[row, -1])):
-                    del self.matchers[row]  # finished (the row now only pads)
+                accepted = matcher.accept_token(int(input_ids[row, -1]))
+                if not accepted or matcher.is_terminated():
+                    del self.matchers[row]  # finished: the row stopped or now only pads
         self._started = True
         if not self.matchers:
             return scores
