@@ -302,11 +302,7 @@ class ChatGuardedVLM(BaseChatModel):
         elif schema is None:
             raise ValueError("method='json_schema' needs a schema")
         else:
-            json_schema = (
-                schema.model_json_schema()  # type: ignore[union-attr]
-                if pydantic
-                else convert_to_json_schema(schema)
-            )
+            json_schema = convert_to_json_schema(schema)  # pydantic (v1 or v2), TypedDict...
             response_format = {"type": "json_schema", "json_schema": {"schema": json_schema}}
         llm = self.bind(
             response_format=response_format,

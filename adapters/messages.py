@@ -110,6 +110,8 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
                 parts.append({"type": "image"})
             elif kind in ("reasoning", "tool_call", "tool_call_chunk", "invalid_tool_call"):
                 continue  # history the model produced itself; no text to replay
+            elif kind == "non_standard" and role == "assistant":
+                continue  # a provider's own block (Anthropic tool_use...); calls are in tool_calls
             else:
                 raise UnsupportedContentError(f"content block of type {kind!r} is not supported")
         has_image = any(p["type"] == "image" for p in parts)

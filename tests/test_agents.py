@@ -7,7 +7,6 @@ from typing import Annotated, TypedDict
 import pytest
 from langchain.agents import create_agent
 from langchain_core.messages import AnyMessage, HumanMessage
-from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 
