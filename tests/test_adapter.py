@@ -667,9 +667,8 @@ class _Events(BaseCallbackHandler):
 
 
 def test_streaming_inside_a_run_sends_the_decision_event(tiny_chat):
-    """LangGraph nodes and agents stream the model inside a run: the event reaches callbacks
-    and astream_events there (a bare top-level stream() has no run to send it to; its decision
-    is in the last chunk's response_metadata)."""
+    """LangGraph nodes and agents stream the model inside a run: the event reaches the run's
+    callbacks once."""
     events = _Events()
     node = RunnableLambda(lambda messages: "".join(c.content for c in tiny_chat.stream(messages)))
     node.invoke([openai_image()], config={"callbacks": [events]})
