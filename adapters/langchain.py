@@ -157,7 +157,9 @@ class ChatGuardedVLM(BaseChatModel):
     images the application passes inline are trusted, remote URLs are not, since whoever
     controls the URL controls the image), ``always-trusted``, ``always-untrusted``,
     ``anchor-distance`` or your own :class:`~guardrail.trust.TrustPolicy`;
-    ``invoke(..., trust="untrusted")`` overrides it. Untrusted calls get a sample-level shift.
+    ``invoke(..., trust="untrusted")`` overrides it. Untrusted calls get a sample-level shift,
+    and so do calls that offer tools unless ``sample_level_with_tools`` is False (see
+    :class:`~guardrail.GuardConfig`).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -168,6 +170,7 @@ class ChatGuardedVLM(BaseChatModel):
     mode: Mode = "auto"
     layers: tuple[int, ...] | None = None
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
+    sample_level_with_tools: bool = True
     store: str | None = None
     anchor_name: str = BUNDLED_ANCHORS
     anchors: list[str] | None = None
@@ -193,7 +196,11 @@ class ChatGuardedVLM(BaseChatModel):
     def model_post_init(self, _context: Any) -> None:
         base = shared_model(self.model, self.device, self.dtype, self.family)
         config = GuardConfig(
-            alpha=self.alpha, mode=self.mode, layers=self.layers, on_unavailable=self.on_unavailable
+            alpha=self.alpha,
+            mode=self.mode,
+            layers=self.layers,
+            on_unavailable=self.on_unavailable,
+            sample_level_with_tools=self.sample_level_with_tools,
         )
         self._vlm = base.with_config(config)
         store = open_store(self.store, namespace=self.app)  # the URL may name its own namespace

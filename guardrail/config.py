@@ -52,6 +52,10 @@ class GuardConfig(BaseModel):
     * ``check_plausibility`` - before a stored dataset-level shift is first used, compare it
       with a live measurement on a few anchor prompts and refuse it when it is not this
       model's shift (see ``guardrail.plausibility``).
+    * ``sample_level_with_tools`` - in ``auto`` mode, a request that offers tools runs at sample
+      level: a dataset-level shift calibrated on prompts without tools removes much less of the
+      image's shift from prompts with them (``bench/tools_shift.py``, bench/RESULTS.md). Turn it
+      off if your dataset-level shift was calibrated on prompts with your tools.
 
     The default layer and positions come from the measurement in ``docs/defaults.md``.
     """
@@ -67,6 +71,7 @@ class GuardConfig(BaseModel):
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
     trim_references: bool = True
     check_plausibility: bool = True
+    sample_level_with_tools: bool = True
     max_image_pixels: int = Field(default=16_000_000, ge=1)
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:

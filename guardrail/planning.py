@@ -64,9 +64,12 @@ def plan_row(
         return plan("text-only", "no image: passed through")
     if mode == "off" or alpha == 0.0:
         return plan("off", f"mode={mode}, alpha={alpha}")
+    notes: list[str] = []
     if request.trusted is False and mode in ("auto", "dataset"):
         mode = "sample"  # untrusted input: a shift measured on this very input
-    notes: list[str] = []
+    if request.tools and mode == "auto" and config.sample_level_with_tools:
+        mode = "sample"
+        notes.append("tools offered: sample level (sample_level_with_tools)")
     if mode in ("dataset", "auto") and request.shift is not None:
         return replace(
             plan("dataset", "dataset-level shift (given by the caller)"), shift=request.shift

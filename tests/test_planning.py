@@ -52,6 +52,18 @@ def test_untrusted_input_gets_sample_level_without_a_lookup():
     assert plan.mode == "sample" and lookups == 0 and plan.mode_requested == "auto"
 
 
+def test_tools_make_auto_sample_level_unless_configured_otherwise():
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {}}}]
+    plan, lookups = _plan(GuardRequest("x", tools=tools))
+    assert (plan.mode, lookups) == ("sample", 0)
+    assert plan.fallbacks == ("tools offered: sample level (sample_level_with_tools)",)
+    plan, lookups = _plan(GuardRequest("x", tools=tools, mode="dataset"))
+    assert (plan.mode, lookups) == ("dataset", 1)  # an explicit mode is kept
+    config = GuardConfig(sample_level_with_tools=False)
+    plan, lookups = _plan(GuardRequest("x", tools=tools), config)
+    assert (plan.mode, lookups) == ("dataset", 1)
+
+
 def test_auto_without_a_shift_falls_back_to_sample_and_says_why():
     plan, _ = _plan(GuardRequest("x"), found=Lookup(None, note="store unreachable (down)"))
     assert plan.mode == "sample"
