@@ -13,12 +13,16 @@ Variants, each forced to exactly N new tokens:
 * ``sample-lockstep`` - this project's sample level: the two reference rows ride in the same
                         batched pass, are fed each generated token, and stop after the deepest
                         edited layer.
+With ``--tools``, a tools row per fixture and mode: a call whose answer must be a tool call
+(constrained decoding, ``guardrail.constraints``) against the same call unconstrained, forced to
+the same number of new tokens (a grammar that has ended allows nothing but a stop token, so the
+constrained call cannot be forced to N tokens like the variants above).
 Ratios are paired: each repeat's time over the unguarded time of the same repeat (variants run
 interleaved), which cancels slow drift of a shared machine. Prints a table (median and min-max
 over repeats) and a final JSON line. Peak memory is not measured here on CPU; see RESULTS.md.
 
     python bench/overhead.py [--fixtures tiny smollm] [--tokens 32 128] [--batch 1 8]
-                             [--repeats 3] [--variants ...]
+                             [--repeats 3] [--variants ...] [--tools]
                              [--model PATH --device cuda --dtype bfloat16]
 """
 
@@ -33,6 +37,7 @@ import time
 import torch
 
 from guardrail import GuardConfig, GuardedVLM, GuardRequest
+from guardrail.constraints import OutputConstraint
 from guardrail.images import corruption_image
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
@@ -142,6 +147,79 @@ def measure(
     return rows
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {
+                "type": "object",
+                "properties": {arg: {"type": kind}},
+                "required": [arg],
+            },
+        },
+    }
+    for name, description, arg, kind in (
+        ("web_search", "Search the web.", "query", "string"),
+        ("square", "Square an integer.", "n", "integer"),
+    )
+]
+
+
+def measure_tools(vlm: GuardedVLM, name: str, repeats: int) -> list[dict]:
+    """Constrained tool call vs the same call unconstrained with as many new tokens."""
+    prompt = "Search the web for the tallest building in Oslo."
+    started = time.perf_counter()  # first use: the tokenizer's grammar tables and one grammar
+    vlm.backend.constrained({0: OutputConstraint.tool_call(TOOLS)})
+    setup_s = time.perf_counter() - started
+    rows = []
+    for mode in ("dataset", "sample"):
+        base = GuardRequest(prompt, [synthetic_image(0)], tools=TOOLS, mode=mode)
+        constrained = GuardRequest(
+            prompt,
+            [synthetic_image(0)],
+            tools=TOOLS,
+            mode=mode,
+            constraint=OutputConstraint.tool_call(TOOLS),
+        )
+        vlm.generate_batch([constrained], max_new_tokens=64)  # warm-up (grammar compiled)
+        times: dict[str, list[float]] = {"unconstrained": [], "constrained": []}
+        tokens = 0
+        for _ in range(repeats):
+            _sync(vlm)
+            started = time.perf_counter()
+            out = vlm.generate_batch([constrained], max_new_tokens=64)[0]
+            _sync(vlm)
+            times["constrained"].append(time.perf_counter() - started)
+            tokens = out.usage.completion_tokens
+            started = time.perf_counter()
+            vlm.generate_batch([base], max_new_tokens=tokens, min_new_tokens=tokens)
+            _sync(vlm)
+            times["unconstrained"].append(time.perf_counter() - started)
+        ratios = [c / u for c, u in zip(times["constrained"], times["unconstrained"], strict=True)]
+        row = {
+            "fixture": name,
+            "variant": f"tools-constrained-{mode}",
+            "new_tokens": tokens,
+            "valid_tool_call": bool(out.tool_calls),
+            "first_use_setup_s": round(setup_s, 4),
+            "median_s": round(statistics.median(times["constrained"]), 4),
+            "ratio": round(statistics.median(ratios), 3),
+            "ratio_min": round(min(ratios), 3),
+            "ratio_max": round(max(ratios), 3),
+        }
+        rows.append(row)
+        print(
+            f"{name:8} tools {mode:8} N={tokens:<4} constrained {row['median_s']:.3f}s  "
+            f"x{row['ratio']:.3f} [{row['ratio_min']:.3f}-{row['ratio_max']:.3f}] of the same "
+            f"call unconstrained  valid call: {row['valid_tool_call']}  "
+            f"first-use setup {setup_s:.3f}s",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     logging.getLogger("guardrail.decisions").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser()
@@ -153,6 +231,7 @@ def main() -> None:
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--tools", action="store_true", help="only the tools rows")
     args = parser.parse_args()
     if "unguarded" not in args.variants:
         parser.error("--variants must include unguarded (the baseline)")
@@ -170,7 +249,10 @@ def main() -> None:
             dtype=getattr(torch, args.dtype) if args.dtype else None,
         )
         vlm.compute_dataset_shift(anchor_prompts()[:8], batch_size=8, progress=False)
-        rows += measure(vlm, name, args.tokens, args.batch, args.repeats, tuple(args.variants))
+        if args.tools:
+            rows += measure_tools(vlm, name, args.repeats)
+        else:
+            rows += measure(vlm, name, args.tokens, args.batch, args.repeats, tuple(args.variants))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(
         json.dumps(
