@@ -10,7 +10,9 @@ def test_examples_run(namespace):
     assert "[off]" in quick and "[dataset]" in quick and "[sample]" in quick
     assert "[text-only] The capital of France is Paris." in quick
     agent = _run("examples/langchain_agent.py")
-    assert "safety: dataset trusted: True" in agent
+    assert "calls=[('add', {'a': 3, 'b': 4})]" in agent and "tool add: '7'" in agent
+    assert "calls=[('screenshot', {'page': 'example.com'})]" in agent
+    assert agent.strip().splitlines()[-1].strip() == "safety: sample trusted: False"
     shared = _run(
         "examples/redis_shared_store.py", f"redis://127.0.0.1:6379/0?namespace={namespace}"
     )
