@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -26,6 +27,8 @@ from guardrail.constraints import OutputConstraint
 from guardrail.families import ModelFamily, family_for, family_named
 from guardrail.requests import Rendering
 from guardrail.tools import prompt_messages, takes_tools
+
+logger = logging.getLogger(__name__)
 
 
 class TransformersBackend:
@@ -53,6 +56,12 @@ class TransformersBackend:
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
         template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.takes_tools = takes_tools(template if isinstance(template, str) else None)
+        if self.takes_tools and self.family.tool_call_format != "hermes":
+            logger.warning(
+                "the %s chat template renders tools itself, but the family names no tool call "
+                "format: answers are parsed as <tool_call>{json}</tool_call> blocks",
+                self.family.name,
+            )
         self._grammars: GrammarCompiler | None = None
         self.hooks = DecoderHooks(
             self.layers, model.get_input_embeddings(), model.get_output_embeddings()

@@ -42,7 +42,9 @@ class ModelFamily:
       processor (and so torchvision): the import paths used to build one with the slow (PIL)
       image processor and no video support when torchvision is missing.
     * ``tool_call_format`` - how the family's chat models write tool calls (``hermes``:
-      ``<tool_call>{json}</tool_call>``), None when unknown.
+      ``<tool_call>{json}</tool_call>``), None when unknown. Only the Hermes format is parsed
+      (:mod:`guardrail.tools`); a template that takes tools in a family without it gets a
+      warning at load.
     """
 
     name: str
