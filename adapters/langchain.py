@@ -151,11 +151,11 @@ class ChatGuardedVLM(BaseChatModel):
     ``model`` is a hub name or local folder; several instances with different ``app`` and
     ``alpha`` share one loaded model. ``family`` names its model family when the checkpoint's
     ``model_type`` does not (see ``guardrail.families``). ``store`` is a shift store URL
-    (None: the embedded folder store); the store namespace is ``app``. The dataset-level
-    shift is looked up under ``anchor_name`` and, on a miss, computed from ``anchors``
-    (default: the bundled set). ``trust_policy`` is one of ``image-source`` (the default:
-    images the application passes inline are trusted, remote URLs are not, since whoever
-    controls the URL controls the image), ``always-trusted``, ``always-untrusted``,
+    (None: the embedded folder store); the store namespace is ``namespace`` (default: ``app``).
+    The dataset-level shift is looked up under ``anchor_name`` and, on a miss, computed from
+    ``anchors`` (default: the bundled set). ``trust_policy`` is one of ``image-source`` (the
+    default: images the application passes inline are trusted, remote URLs are not, since
+    whoever controls the URL controls the image), ``always-trusted``, ``always-untrusted``,
     ``anchor-distance`` or your own :class:`~guardrail.trust.TrustPolicy`;
     ``invoke(..., trust="untrusted")`` overrides it. Untrusted calls get a sample-level shift,
     and so do calls that offer tools unless ``sample_level_with_tools`` is False (see
@@ -172,6 +172,7 @@ class ChatGuardedVLM(BaseChatModel):
     on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
     sample_level_with_tools: bool = True
     store: str | None = None
+    namespace: str | None = None
     anchor_name: str = BUNDLED_ANCHORS
     anchors: list[str] | None = None
     trust_policy: str | TrustPolicy = "image-source"
@@ -203,7 +204,8 @@ class ChatGuardedVLM(BaseChatModel):
             sample_level_with_tools=self.sample_level_with_tools,
         )
         self._vlm = base.with_config(config)
-        store = open_store(self.store, namespace=self.app)  # the URL may name its own namespace
+        # the URL may name its own namespace
+        store = open_store(self.store, namespace=self.namespace or self.app)
         self._vlm.use_store(store, anchor_name=self.anchor_name, anchors=self.anchors)
         policy = self.trust_policy
         self._policy = POLICIES[policy]() if isinstance(policy, str) else policy

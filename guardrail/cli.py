@@ -8,6 +8,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from guardrail.evaluation.datasets import DataReport, EvalSample, Format, read_s
 from guardrail.families import FAMILIES
 from guardrail.requests import GuardRequest
 from shift_store import ShiftKey, open_store
+
+COMMANDS_GROUP = "cmrm_guardrail.commands"
 
 UNTRAINED_NOTICE = (
     "NOTE: the demo model is SmolLM2-135M-Instruct behind an UNTRAINED, random vision tower.\n"
@@ -280,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("prompt")
     p.set_defaults(func=chat)
+    for command in entry_points(group=COMMANDS_GROUP):  # front ends add theirs (serve)
+        command.load()(commands)
     return parser
 
 

@@ -1,0 +1,287 @@
+"""The OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/models``, ``/healthz``,
+``/metrics``.
+
+Each app of the settings gets its own :class:`~adapters.langchain.ChatGuardedVLM` (its α, mode,
+trust policy and store namespace) over one shared loaded model; concurrent requests are batched
+by the chat model's coalescer. Status codes: 401 (missing or wrong key), 404 (another model),
+413 (request too large), 429 with ``Retry-After`` (too many concurrent requests for the app),
+400 (bad input, with the typed error's message), 503 (guard unavailable and failing closed).
+Every answer carries its decision record as the extra field ``safety`` (and the header
+``x-guardrail-call-id``, except on streams, whose last chunk carries it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from langchain_core.messages import AIMessage, AIMessageChunk
+from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
+
+from adapters.langchain import ChatGuardedVLM
+from adapters.server.metrics import ServerMetrics
+from adapters.server.protocol import (
+    ChatCompletionRequest,
+    chunk,
+    chunk_delta,
+    completion,
+    error_body,
+)
+from adapters.server.settings import AppSettings, ServerSettings
+from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidInputError
+
+CALL_ID_HEADER = "x-guardrail-call-id"
+
+
+class _DeadlineStream(StreamingResponse):
+    """A streamed response that ends by ``deadline_s`` however slowly the client reads
+    (cancelling it closes the generation)."""
+
+    def __init__(self, content: AsyncIterator[str], deadline_s: float) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.deadline_s = deadline_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        with anyio.move_on_after(self.deadline_s):
+            await super().__call__(scope, receive, send)
+
+
+class _Slots:
+    """Concurrent requests per app (the event loop is the only writer)."""
+
+    def __init__(self) -> None:
+        self.busy: dict[str, int] = {}
+
+    def take(self, app: AppSettings) -> bool:
+        if self.busy.get(app.name, 0) >= app.max_concurrent:
+            return False
+        self.busy[app.name] = self.busy.get(app.name, 0) + 1
+        return True
+
+    def give(self, app: AppSettings) -> None:
+        self.busy[app.name] -= 1
+
+
+def chat_model(settings: ServerSettings, app: AppSettings) -> ChatGuardedVLM:
+    """The chat model that serves ``app`` (models are shared between apps by the registry)."""
+    return ChatGuardedVLM(
+        model=settings.model,
+        family=settings.family,
+        device=settings.device,
+        dtype=settings.dtype,
+        store=settings.store,
+        app=app.name,
+        namespace=app.store_namespace,
+        alpha=app.alpha,
+        mode=app.mode,
+        trust_policy=app.trust_policy,
+        on_unavailable=app.on_unavailable,
+        max_tokens=app.max_tokens,
+        cache=False,
+    )
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """The ASGI app; the model loads at startup (the server answers once it is loaded)."""
+    metrics = ServerMetrics()
+    slots = _Slots()
+    chats: dict[str, ChatGuardedVLM] = {}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        def load() -> None:
+            for app_settings in settings.apps:
+                chats[app_settings.name] = chat_model(settings, app_settings)
+
+        await anyio.to_thread.run_sync(load)
+        yield
+
+    api = FastAPI(title="cmrm-guardrail", lifespan=lifespan)
+
+    def respond(app: str, status: int, body: dict[str, Any], **headers: str) -> JSONResponse:
+        metrics.requests.labels(app, str(status)).inc()
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    def refused(app: str, error: GuardrailError) -> JSONResponse:
+        decision = error.decision.model_dump(mode="json") if error.decision else None
+        metrics.refusal(app, type(error).__name__)
+        status = 503 if isinstance(error, GuardUnavailableError) else 400
+        if not isinstance(error, InvalidInputError | GuardUnavailableError):
+            status = 500
+        headers = {CALL_ID_HEADER: decision["call_id"]} if decision else {}
+        body = error_body(f"{type(error).__name__}: {error}", "guardrail_error", safety=decision)
+        return respond(app, status, body, **headers)
+
+    @api.get("/healthz")
+    async def healthz() -> JSONResponse:
+        def states() -> dict[str, str]:
+            found = {}
+            for name, chat in chats.items():
+                lookup = chat.guarded_model.dataset_lookup()
+                found[name] = (
+                    "dataset-level shift ready"
+                    if lookup.vector is not None
+                    else f"sample-level fallback: {lookup.note or 'no dataset-level shift'}"
+                )
+            return found
+
+        apps = await anyio.to_thread.run_sync(states)
+        ready = len(apps) == len(settings.apps)
+        body = {"status": "ok" if ready else "loading", "model": settings.model, "apps": apps}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @api.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        entry = {"id": settings.model, "object": "model", "owned_by": "cmrm-guardrail"}
+        return {"object": "list", "data": [entry]}
+
+    @api.post("/v1/chat/completions")
+    async def completions(request: Request) -> Response:
+        arrived = time.perf_counter()
+        authorization = request.headers.get("authorization", "")
+        app = settings.app_for(authorization.removeprefix("Bearer ").strip() or None)
+        if app is None:
+            body = error_body(
+                "missing or unknown API key", "authentication_error", "invalid_api_key"
+            )
+            return respond("unknown", 401, body)
+        name = app.name
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > app.max_request_bytes:
+            return respond(name, 413, error_body("request too large", "invalid_request_error"))
+        raw = await request.body()
+        if len(raw) > app.max_request_bytes:
+            return respond(name, 413, error_body("request too large", "invalid_request_error"))
+        try:
+            call = ChatCompletionRequest.model_validate_json(raw)
+        except ValidationError as e:
+            summary = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
+            return respond(name, 400, error_body(summary, "invalid_request_error"))
+        if call.model != settings.model:
+            body = error_body(f"this server runs {settings.model}", "invalid_request_error")
+            return respond(name, 404, body)
+        tokens = call.requested_tokens or app.max_tokens
+        if tokens > app.max_tokens:
+            body = error_body(f"max_tokens is at most {app.max_tokens}", "invalid_request_error")
+            return respond(name, 400, body)
+        if not slots.take(app):
+            body = error_body(f"more than {app.max_concurrent} concurrent requests", "rate_limit")
+            return respond(name, 429, body, **{"Retry-After": "1"})
+        handed_over = False
+        try:
+            chat = chats[name]
+            messages = call.langchain_messages()
+            arguments = call.call_arguments(tokens)
+            if call.stream:
+                response = await _stream(app, chat, call, messages, arguments, arrived)
+                handed_over = isinstance(response, _DeadlineStream)  # it gives the slot back
+                return response
+            with anyio.fail_after(app.max_request_s):
+                message = await anyio.to_thread.run_sync(
+                    _timed, chat, messages, call.stops, arguments, arrived, metrics, name
+                )
+            safety = message.response_metadata["safety"]
+            metrics.decision(name, safety)
+            usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0}
+            metrics.usage(name, usage["input_tokens"], usage["output_tokens"])
+            metrics.latency.labels(name).observe(time.perf_counter() - arrived)
+            body = completion(message, settings.model)
+            return respond(name, 200, body, **{CALL_ID_HEADER: safety["call_id"]})
+        except GuardrailError as e:
+            return refused(name, e)
+        except TimeoutError:
+            body = error_body(f"no answer within {app.max_request_s} s", "timeout")
+            return respond(name, 504, body)
+        finally:
+            if not handed_over:
+                slots.give(app)
+
+    async def _stream(
+        app: AppSettings,
+        chat: ChatGuardedVLM,
+        call: ChatCompletionRequest,
+        messages: list[Any],
+        arguments: dict[str, Any],
+        arrived: float,
+    ) -> Response:
+        """Start the stream; errors before the first piece get their own status code."""
+        name = app.name
+        pieces: Iterator[AIMessageChunk] = chat.stream(messages, stop=call.stops, **arguments)
+        first = await anyio.to_thread.run_sync(next, pieces, None)
+        metrics.queue.labels(name).observe(time.perf_counter() - arrived)
+        stream_id = f"chatcmpl-{uuid.uuid4().hex}"
+        include_usage = bool((call.stream_options or {}).get("include_usage"))
+
+        async def events() -> AsyncIterator[str]:
+            piece, opened = first, False
+            try:
+                while piece is not None:
+                    delta = chunk_delta(piece)
+                    if not opened:
+                        delta, opened = {"role": "assistant", **delta}, True
+                    safety = piece.response_metadata.get("safety")
+                    if safety is not None:
+                        finish = piece.response_metadata.get("finish_reason", "stop")
+                        metrics.decision(name, safety)
+                        yield _sse(chunk(stream_id, settings.model, delta, finish, safety=safety))
+                        usage = piece.usage_metadata
+                        if usage:
+                            metrics.usage(name, usage["input_tokens"], usage["output_tokens"])
+                        if include_usage and usage:
+                            totals = {
+                                "prompt_tokens": usage["input_tokens"],
+                                "completion_tokens": usage["output_tokens"],
+                                "total_tokens": usage["total_tokens"],
+                            }
+                            yield _sse(chunk(stream_id, settings.model, {}, usage=totals))
+                    elif delta:
+                        yield _sse(chunk(stream_id, settings.model, delta))
+                    piece = await anyio.to_thread.run_sync(next, pieces, None)
+                yield "data: [DONE]\n\n"
+                metrics.requests.labels(name, "200").inc()
+                metrics.latency.labels(name).observe(time.perf_counter() - arrived)
+            finally:  # done, failed, client gone or deadline: generation stops, slot returns
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(_close, pieces)
+                slots.give(app)
+
+        return _DeadlineStream(events(), app.max_request_s)
+
+    return api
+
+
+def _timed(
+    chat: ChatGuardedVLM,
+    messages: list[Any],
+    stop: list[str] | None,
+    arguments: dict[str, Any],
+    arrived: float,
+    metrics: ServerMetrics,
+    app: str,
+) -> AIMessage:
+    metrics.queue.labels(app).observe(time.perf_counter() - arrived)
+    message = chat.invoke(messages, stop=stop, **arguments)
+    assert isinstance(message, AIMessage)
+    return message
+
+
+def _close(pieces: Iterator[AIMessageChunk]) -> None:
+    close = getattr(pieces, "close", None)
+    if close is not None:
+        close()
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data)}\n\n"

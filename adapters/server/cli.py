@@ -1,0 +1,63 @@
+"""``guardrail serve``: the OpenAI-compatible server (registered through an entry point, so that
+the engine's CLI never imports a front end)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from adapters.server.settings import ServerSettings, hash_key
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``serve`` command to the ``guardrail`` parser."""
+    p = commands.add_parser("serve", help="OpenAI-compatible server with per-app keys")
+    p.add_argument("--config", help="TOML file naming the model and its apps")
+    p.add_argument("--model", help="without --config: serve this model to one keyless app")
+    p.add_argument("--family", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
+    p.add_argument("--host", default=None, help="default 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="default 8000")
+    p.add_argument("--hash-key", metavar="KEY", help="print the key_sha256 of KEY and exit")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    if args.hash_key:
+        print(hash_key(args.hash_key))
+        return 0
+    import uvicorn
+
+    from adapters.server.app import create_app
+
+    options = dict(
+        family=args.family,
+        device=args.device,
+        dtype=args.dtype,
+        store=args.store,
+        host=args.host,
+        port=args.port,
+    )
+    if args.config:
+        settings = ServerSettings.from_toml(args.config, **options)
+    elif args.model:
+        settings = ServerSettings.development_mode(args.model, **options)
+        print(
+            "development mode: one app 'default', no API keys, serving on "
+            f"{settings.host}:{settings.port} only (give --config for keys and apps)",
+            file=sys.stderr,
+        )
+    else:
+        raise ValueError("guardrail serve needs --config FILE or --model NAME")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,  # in-flight requests finish on SIGTERM
+        log_level="warning",
+    )
+    return 0

@@ -1,0 +1,353 @@
+"""The OpenAI-compatible server, driven by clients no one here wrote: the openai SDK and
+LangChain's ChatOpenAI, against a server on a loopback port."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from langchain.agents import create_agent
+from langchain.agents.middleware import wrap_model_call
+from langchain_core.messages import HumanMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_openai import ChatOpenAI
+
+from adapters.server import AppSettings, ServerSettings, create_app, hash_key
+
+from .test_adapter import PNG
+
+DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
+IMAGE_MESSAGE = {
+    "role": "user",
+    "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": DATA_URL}},
+    ],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """A server in a thread of the test process, on a free loopback port."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings.model_copy(update={"port": _free_port()})
+        config = uvicorn.Config(
+            create_app(self.settings), host="127.0.0.1", port=self.settings.port, log_level="error"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 120
+        while not self.server.started:
+            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.port}"
+
+    def client(self, key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, max_retries=0)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served(tiny_path, tmp_path_factory):
+    store = tmp_path_factory.mktemp("served")
+    settings = ServerSettings(
+        model=str(tiny_path),
+        store=f"file://{store}",
+        apps=(
+            AppSettings(name="alpha", key_sha256=hash_key("key-a"), max_tokens=64),
+            AppSettings(
+                name="beta",
+                key_sha256=hash_key("key-b"),
+                alpha=0.5,
+                max_concurrent=1,
+                max_tokens=256,
+                max_request_bytes=200_000,
+            ),
+        ),
+    )
+    server = Served(settings)
+    yield server
+    server.stop()
+
+
+def _ask(served: Served, key: str = "key-a", **options):
+    options.setdefault("max_tokens", 4)
+    return served.client(key).chat.completions.create(
+        model=served.settings.model, messages=[IMAGE_MESSAGE], **options
+    )
+
+
+# ---------------------------------------------------------------- the openai SDK
+
+
+def test_openai_sdk_plain_call_with_an_image(served):
+    raw = served.client("key-a").chat.completions.with_raw_response.create(
+        model=served.settings.model, messages=[IMAGE_MESSAGE], max_tokens=4
+    )
+    answer = raw.parse()
+    safety = answer.model_extra["safety"]
+    assert safety["app"] == "alpha" and safety["guarded"] and safety["mode_used"] == "dataset"
+    assert raw.headers["x-guardrail-call-id"] == safety["call_id"]
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage.completion_tokens <= 4 and answer.usage.prompt_tokens > 0
+
+
+def test_openai_sdk_streaming(served):
+    stream = _ask(served, stream=True, max_tokens=8, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    last = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    safety = last.model_extra["safety"]
+    assert safety["mode_used"] == "dataset" and chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage.completion_tokens == 8
+    plain = _ask(served, max_tokens=8)
+    assert text == plain.choices[0].message.content  # greedy: the same answer either way
+
+
+def test_text_only_and_per_app_settings(served):
+    answer = served.client("key-b").chat.completions.create(
+        model=served.settings.model, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert answer.model_extra["safety"]["mode_used"] == "text-only"
+    beta = _ask(served, "key-b").model_extra["safety"]
+    assert (beta["app"], beta["alpha"]) == ("beta", 0.5)
+
+
+def test_models_health_and_metrics(served):
+    models = served.client("key-a").models.list()
+    assert [m.id for m in models.data] == [served.settings.model]
+    health = httpx.get(f"{served.url}/healthz").json()
+    assert health["status"] == "ok" and set(health["apps"]) == {"alpha", "beta"}
+    before = _metric(served, 'guardrail_calls_total{app="alpha",mode_used="dataset"}')
+    _ask(served)
+    after = _metric(served, 'guardrail_calls_total{app="alpha",mode_used="dataset"}')
+    assert after == before + 1
+    assert _metric(served, 'guardrail_store_lookups_total{app="alpha",result="found"}') >= 1
+    assert _metric(served, 'guardrail_tokens_total{app="alpha",kind="completion"}') >= 1
+
+
+def _metric(served: Served, name: str) -> float:
+    for line in httpx.get(f"{served.url}/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---------------------------------------------------------------- keys, limits, bad input
+
+
+def test_missing_or_wrong_keys_are_401_and_no_request_reaches_another_app(served):
+    for key in ("key-c", "KEY-A"):
+        with pytest.raises(openai.AuthenticationError):
+            _ask(served, key)
+    body = {"model": served.settings.model, "messages": [IMAGE_MESSAGE]}
+    assert httpx.post(f"{served.url}/v1/chat/completions", json=body).status_code == 401
+    with pytest.raises(openai.BadRequestError, match="app"):  # a field cannot pick an app
+        _ask(served, "key-a", extra_body={"app": "beta"})
+    assert _ask(served, "key-a").model_extra["safety"]["app"] == "alpha"
+
+
+def test_over_the_concurrency_limit_is_429_with_retry_after(served):
+    def slow():
+        return _ask(served, "key-b", max_tokens=200)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        first = pool.submit(slow)
+        time.sleep(0.3)
+        response = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer key-b"},
+            json={"model": served.settings.model, "messages": [IMAGE_MESSAGE], "max_tokens": 2},
+        )
+        assert first.result().model_extra["safety"]["app"] == "beta"
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert _ask(served, "key-b").model_extra["safety"]["app"] == "beta"  # the slot came back
+
+
+def test_bad_input_is_400_with_the_typed_message(served):
+    broken = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        served.client("key-a").chat.completions.create(
+            model=served.settings.model, messages=[broken], max_tokens=2
+        )
+    body = caught.value.body
+    assert body["message"].startswith("InvalidImageError:")
+    assert caught.value.response.json()["safety"]["mode_used"] == "refused"
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        _ask(served, max_tokens=65)
+    with pytest.raises(openai.BadRequestError, match="logprobs"):
+        _ask(served, logprobs=True)
+    with pytest.raises(openai.NotFoundError):
+        served.client("key-a").chat.completions.create(
+            model="gpt-4o", messages=[IMAGE_MESSAGE], max_tokens=2
+        )
+    big = {"role": "user", "content": "x" * 300_000}
+    response = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        headers={"Authorization": "Bearer key-b"},
+        json={"model": served.settings.model, "messages": [big]},
+    )
+    assert response.status_code == 413
+
+
+def test_fail_closed_is_503_with_its_decision(tiny_path):
+    settings = ServerSettings(
+        model=str(tiny_path),
+        store="redis://127.0.0.1:1/0",  # nothing listens: no dataset-level shift
+        apps=(AppSettings(name="strict", key_sha256=hash_key("k"), mode="dataset"),),
+    )
+    server = Served(settings)
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            _ask(server, "k")
+        assert caught.value.status_code == 503
+        body = caught.value.response.json()
+        assert body["safety"]["mode_used"] == "unguarded" and not body["safety"]["guarded"]
+        assert caught.value.response.headers["x-guardrail-call-id"] == body["safety"]["call_id"]
+        assert (
+            "sample-level fallback" in httpx.get(f"{server.url}/healthz").json()["apps"]["strict"]
+        )
+    finally:
+        server.stop()
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(served):
+    from guardrail.registry import shared_model
+
+    chat_model = shared_model(served.settings.model, None, None, None)
+    passes: list[int] = []
+    handle = chat_model.model.get_input_embeddings().register_forward_hook(
+        lambda *args: passes.append(1)
+    )
+    try:
+        with httpx.stream(
+            "POST",
+            f"{served.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer key-b"},
+            json={
+                "model": served.settings.model,
+                "messages": [IMAGE_MESSAGE],
+                "max_tokens": 250,
+                "stream": True,
+            },
+        ) as response:
+            next(response.iter_lines())
+        time.sleep(1.0)
+        seen = len(passes)
+        time.sleep(0.5)
+    finally:
+        handle.remove()
+    assert 0 < seen < 250 and len(passes) == seen  # stopped early, and stays stopped
+
+
+# ---------------------------------------------------------------- LangChain's ChatOpenAI
+
+
+def test_chat_openai_against_the_server(served):
+    chat = ChatOpenAI(
+        model=served.settings.model, base_url=f"{served.url}/v1", api_key="key-a", max_tokens=4
+    )
+    answer = chat.invoke([HumanMessage(content=IMAGE_MESSAGE["content"])])
+    assert isinstance(answer.content, str) and answer.response_metadata["finish_reason"]
+    streamed = "".join(c.content for c in chat.stream("hello"))
+    assert streamed == chat.invoke("hello").content
+
+
+@tool
+def ping() -> str:
+    """Check the service."""
+    return "pong"
+
+
+def test_create_agent_with_chat_openai_and_tools(served):
+    @wrap_model_call
+    def first_call_pings(request, handler):
+        used = any(isinstance(m, ToolMessage) for m in request.messages)
+        return handler(request.override(tool_choice="none" if used else "ping"))
+
+    chat = ChatOpenAI(
+        model=served.settings.model, base_url=f"{served.url}/v1", api_key="key-b", max_tokens=120
+    )
+    agent = create_agent(model=chat, tools=[ping], middleware=[first_call_pings])
+    out = agent.invoke({"messages": [HumanMessage(content=IMAGE_MESSAGE["content"])]})
+    kinds = [type(m).__name__ for m in out["messages"]]
+    assert kinds == ["HumanMessage", "AIMessage", "ToolMessage", "AIMessage"]
+    assert out["messages"][1].tool_calls[0]["name"] == "ping"
+    assert out["messages"][2].content == "pong"
+
+
+# ---------------------------------------------------------------- the command, and SIGTERM
+
+
+def test_guardrail_serve_drains_in_flight_requests_on_sigterm(tiny_path, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "guardrail.cli",
+            "serve",
+            "--model",
+            str(tiny_path),
+            "--store",
+            f"file://{tmp_path}",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and process.poll() is None, process.stderr.read()
+            time.sleep(0.2)
+        body = {"model": str(tiny_path), "messages": [IMAGE_MESSAGE], "max_tokens": 250}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            in_flight = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60)
+            time.sleep(0.5)
+            process.send_signal(signal.SIGTERM)
+            response = in_flight.result()
+        assert response.status_code == 200
+        assert response.json()["usage"]["completion_tokens"] > 0
+        # uvicorn re-raises the signal once it has shut down gracefully
+        assert process.wait(60) in (0, -signal.SIGTERM)
+        assert "development mode" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
