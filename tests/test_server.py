@@ -351,3 +351,35 @@ def test_guardrail_serve_drains_in_flight_requests_on_sigterm(tiny_path, tmp_pat
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_settings_from_a_config_file(tmp_path):
+    config = tmp_path / "serve.toml"
+    config.write_text(
+        'model = "m"\nstore = "redis://cache:6379/0"\n\n'
+        f'[apps.support]\nkey_sha256 = "{hash_key("s3cret")}"\nalpha = 0.8\n\n'
+        f'[apps.search]\nkey_sha256 = "{hash_key("other")}"\nnamespace = "search-v2"\n'
+    )
+    settings = ServerSettings.from_toml(config, port=9000)
+    assert [a.name for a in settings.apps] == ["support", "search"] and settings.port == 9000
+    assert settings.app_for("s3cret").alpha == 0.8 and settings.app_for("S3CRET") is None
+    assert settings.app_for("other").store_namespace == "search-v2"
+    assert settings.app_for(None) is None and "s3cret" not in config.read_text()
+
+
+@pytest.mark.parametrize(
+    "values, error",
+    [
+        ({"apps": [{"name": "a"}]}, "needs a key_sha256"),
+        ({"apps": [{"name": "a", "key_sha256": "x"}, {"name": "b", "key_sha256": "x"}]}, "share"),
+        ({"apps": [{"name": "a", "key_sha256": "x"}, {"name": "a", "key_sha256": "y"}]}, "once"),
+        ({"store": "redis://h/0?namespace=n", "apps": [{"name": "a", "key_sha256": "x"}]}, "own"),
+        ({"development": True, "host": "0.0.0.0", "apps": [{"name": "default"}]}, "loopback"),
+    ],
+)
+def test_unsafe_settings_are_refused(values, error):
+    with pytest.raises(ValueError, match=error):
+        ServerSettings.model_validate({"model": "m", **values})

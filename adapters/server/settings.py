@@ -79,6 +79,8 @@ class ServerSettings(BaseModel):
         names = [app.name for app in self.apps]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"apps must be named once each, got {names}")
+        if self.store and "namespace=" in self.store:
+            raise ValueError("the store URL names a namespace: each app has its own (namespace=)")
         if self.development:
             if self.host not in ("127.0.0.1", "::1", "localhost"):
                 raise ValueError("development mode (no keys) serves on loopback only")
