@@ -523,6 +523,35 @@ class ChatGuardedVLM(BaseChatModel):
                 self._announce(chunk, config)
             yield chunk
 
+    def generate_many(
+        self,
+        conversations: Sequence[Sequence[BaseMessage]],
+        *,
+        stop: list[str] | None = None,
+        **kwargs: Any,
+    ) -> list[AIMessage | GuardrailError]:
+        """Answer several conversations with the same call settings in one batched pass, for
+        front ends that batch requests themselves (Ray Serve). A refused conversation's place
+        holds its typed error (with its decision). No LangChain callbacks run."""
+        stop = stop or self.stop
+        answers: dict[int, AIMessage | GuardrailError] = {}
+        requests: dict[int, GuardRequest] = {}
+        for i, messages in enumerate(conversations):
+            try:
+                requests[i] = self._request(list(messages), kwargs)
+            except GuardrailError as e:
+                answers[i] = e
+        outcomes = self._run_batch(list(requests.values()), self._settings(stop, kwargs))
+        for i, outcome in zip(requests, outcomes, strict=True):
+            if isinstance(outcome, GuardrailError):
+                answers[i] = outcome
+                continue
+            text = self._cut_at_stop(outcome.answer, stop)
+            message = self._message(text, outcome, stopped=text != outcome.answer)
+            assert isinstance(message, AIMessage)
+            answers[i] = message
+        return [answers[i] for i in range(len(conversations))]
+
     def _generate(
         self,
         messages: list[BaseMessage],

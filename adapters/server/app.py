@@ -15,18 +15,17 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from langchain_core.messages import AIMessage, AIMessageChunk
+from langchain_core.messages import AIMessageChunk
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from adapters.langchain import ChatGuardedVLM
 from adapters.server.metrics import ServerMetrics
 from adapters.server.protocol import (
     ChatCompletionRequest,
@@ -35,6 +34,7 @@ from adapters.server.protocol import (
     completion,
     error_body,
 )
+from adapters.server.runners import Call, LocalRunner, Runner
 from adapters.server.settings import AppSettings, ServerSettings
 from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidInputError
 
@@ -70,41 +70,28 @@ class _Slots:
         self.busy[app.name] -= 1
 
 
-def chat_model(settings: ServerSettings, app: AppSettings) -> ChatGuardedVLM:
-    """The chat model that serves ``app`` (models are shared between apps by the registry)."""
-    return ChatGuardedVLM(
-        model=settings.model,
-        family=settings.family,
-        device=settings.device,
-        dtype=settings.dtype,
-        store=settings.store,
-        app=app.name,
-        namespace=app.store_namespace,
-        alpha=app.alpha,
-        mode=app.mode,
-        trust_policy=app.trust_policy,
-        on_unavailable=app.on_unavailable,
-        max_tokens=app.max_tokens,
-        cache=False,
-    )
-
-
-def create_app(settings: ServerSettings) -> FastAPI:
-    """The ASGI app; the model loads at startup (the server answers once it is loaded)."""
+def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAPI:
+    """The ASGI app. Without ``runner``, the model runs in this process and loads at startup
+    (the server answers once it is loaded); with one (Ray Serve replicas), calls go to it."""
     metrics = ServerMetrics()
     slots = _Slots()
-    chats: dict[str, ChatGuardedVLM] = {}
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        def load() -> None:
-            for app_settings in settings.apps:
-                chats[app_settings.name] = chat_model(settings, app_settings)
-
-        await anyio.to_thread.run_sync(load)
+    async def lifespan(api: FastAPI) -> AsyncIterator[None]:
+        if runner is None:
+            local = LocalRunner(settings)
+            await local.start()
+            api.state.runner = local
         yield
 
     api = FastAPI(title="cmrm-guardrail", lifespan=lifespan)
+    api.state.runner = runner
+
+    def running() -> Runner:
+        current: Runner | None = api.state.runner
+        if current is None:
+            raise GuardUnavailableError("the model is not loaded yet")
+        return current
 
     def respond(app: str, status: int, body: dict[str, Any], **headers: str) -> JSONResponse:
         metrics.requests.labels(app, str(status)).inc()
@@ -122,18 +109,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @api.get("/healthz")
     async def healthz() -> JSONResponse:
-        def states() -> dict[str, str]:
-            found = {}
-            for name, chat in chats.items():
-                lookup = chat.guarded_model.dataset_lookup()
-                found[name] = (
-                    "dataset-level shift ready"
-                    if lookup.vector is not None
-                    else f"sample-level fallback: {lookup.note or 'no dataset-level shift'}"
-                )
-            return found
-
-        apps = await anyio.to_thread.run_sync(states)
+        current: Runner | None = api.state.runner
+        apps = await current.health() if current is not None else {}
         ready = len(apps) == len(settings.apps)
         body = {"status": "ok" if ready else "loading", "model": settings.model, "apps": apps}
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -181,18 +158,19 @@ def create_app(settings: ServerSettings) -> FastAPI:
             return respond(name, 429, body, **{"Retry-After": "1"})
         handed_over = False
         try:
-            chat = chats[name]
-            messages = call.langchain_messages()
-            arguments = call.call_arguments(tokens)
+            model_call = Call(
+                name, call.langchain_messages(), call.stops, call.call_arguments(tokens)
+            )
             if call.stream:
-                response = await _stream(app, chat, call, messages, arguments, arrived)
-                handed_over = isinstance(response, _DeadlineStream)  # it gives the slot back
+                response = await _stream(app, model_call, call, arrived)
+                handed_over = True  # the stream gives the slot back when it ends
                 return response
             with anyio.fail_after(app.max_request_s):
-                message = await anyio.to_thread.run_sync(
-                    _timed, chat, messages, call.stops, arguments, arrived, metrics, name
-                )
+                message = await running().invoke(model_call)
             safety = message.response_metadata["safety"]
+            queued = message.response_metadata.pop("queue_seconds", None)
+            if queued is not None:
+                metrics.queue.labels(name).observe(queued)
             metrics.decision(name, safety)
             usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0}
             metrics.usage(name, usage["input_tokens"], usage["output_tokens"])
@@ -209,18 +187,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 slots.give(app)
 
     async def _stream(
-        app: AppSettings,
-        chat: ChatGuardedVLM,
-        call: ChatCompletionRequest,
-        messages: list[Any],
-        arguments: dict[str, Any],
-        arrived: float,
+        app: AppSettings, model_call: Call, call: ChatCompletionRequest, arrived: float
     ) -> Response:
         """Start the stream; errors before the first piece get their own status code."""
         name = app.name
-        pieces: Iterator[AIMessageChunk] = chat.stream(messages, stop=call.stops, **arguments)
-        first = await anyio.to_thread.run_sync(next, pieces, None)
-        metrics.queue.labels(name).observe(time.perf_counter() - arrived)
+        pieces = running().stream(model_call)
+        try:
+            first: AIMessageChunk | None = await anext(pieces)
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await pieces.aclose()
+            raise
         stream_id = f"chatcmpl-{uuid.uuid4().hex}"
         include_usage = bool((call.stream_options or {}).get("include_usage"))
 
@@ -248,39 +226,18 @@ def create_app(settings: ServerSettings) -> FastAPI:
                             yield _sse(chunk(stream_id, settings.model, {}, usage=totals))
                     elif delta:
                         yield _sse(chunk(stream_id, settings.model, delta))
-                    piece = await anyio.to_thread.run_sync(next, pieces, None)
+                    piece = await anext(pieces, None)
                 yield "data: [DONE]\n\n"
                 metrics.requests.labels(name, "200").inc()
                 metrics.latency.labels(name).observe(time.perf_counter() - arrived)
             finally:  # done, failed, client gone or deadline: generation stops, slot returns
                 with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(_close, pieces)
+                    await pieces.aclose()
                 slots.give(app)
 
         return _DeadlineStream(events(), app.max_request_s)
 
     return api
-
-
-def _timed(
-    chat: ChatGuardedVLM,
-    messages: list[Any],
-    stop: list[str] | None,
-    arguments: dict[str, Any],
-    arrived: float,
-    metrics: ServerMetrics,
-    app: str,
-) -> AIMessage:
-    metrics.queue.labels(app).observe(time.perf_counter() - arrived)
-    message = chat.invoke(messages, stop=stop, **arguments)
-    assert isinstance(message, AIMessage)
-    return message
-
-
-def _close(pieces: Iterator[AIMessageChunk]) -> None:
-    close = getattr(pieces, "close", None)
-    if close is not None:
-        close()
 
 
 def _sse(data: dict[str, Any]) -> str:

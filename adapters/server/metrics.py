@@ -44,7 +44,7 @@ class ServerMetrics:
         )
         self.queue = Histogram(
             "guardrail_queue_seconds",
-            "time from arrival until the model call started",
+            "time a non-streamed call waited for a worker before its model call",
             ["app"],
             buckets=LATENCY_BUCKETS,
             registry=r,
