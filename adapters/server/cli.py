@@ -22,6 +22,8 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
     p.add_argument("--host", default=None, help="default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default 8000")
+    p.add_argument("--replicas", type=int, default=0, help="run the model in N Ray Serve replicas")
+    p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (with --replicas)")
     p.add_argument("--hash-key", metavar="KEY", help="print the key_sha256 of KEY and exit")
     p.set_defaults(func=serve)
 
@@ -53,6 +55,8 @@ def serve(args: argparse.Namespace) -> int:
         )
     else:
         raise ValueError("guardrail serve needs --config FILE or --model NAME")
+    if args.replicas:
+        return _serve_on_ray(settings, args.replicas, args.num_gpus)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -60,4 +64,26 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,  # in-flight requests finish on SIGTERM
         log_level="warning",
     )
+    return 0
+
+
+def _serve_on_ray(settings: ServerSettings, replicas: int, num_gpus: float) -> int:
+    """Ray Serve: joins ``RAY_ADDRESS`` or starts a local Ray; runs until SIGTERM or SIGINT,
+    then shuts Serve down (replicas finish their in-flight requests first)."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    from adapters.server.ray_serve import application
+
+    stop_signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # received below, by sigwait
+    ray.init(include_dashboard=False)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(application(settings, replicas=replicas, num_gpus=num_gpus), route_prefix="/")
+    print(f"serving on {settings.host}:{settings.port} with {replicas} replica(s)", file=sys.stderr)
+    signal.sigwait(stop_signals)
+    serve.shutdown()
+    ray.shutdown()
     return 0

@@ -1,0 +1,165 @@
+"""Scale-out on Ray Serve: the OpenAI-compatible app as the ingress, the model in replicas.
+
+``guardrail serve --config serve.toml --replicas N`` starts a local Ray instance (or joins the
+one ``RAY_ADDRESS`` names) and runs two deployments:
+
+* ``GuardedModel`` - N replicas, each loading the model once for all apps. Non-streamed calls
+  are batched by Ray Serve's ``@serve.batch`` (this replaces the in-process coalescer on this
+  path): calls with the same app and settings share one guarded pass. Streams run one by one.
+  Replicas share dataset-level shifts through the store (use Redis with several replicas).
+* ``Ingress`` - the FastAPI app of :mod:`adapters.server.app` (keys, limits, metrics), calling
+  the replicas through a deployment handle.
+
+For a GPU cluster, give each replica its GPU and let Serve scale on load::
+
+    application(settings, replicas=2, num_gpus=1, autoscaling={"min_replicas": 1,
+                "max_replicas": 4, "target_ongoing_requests": 8})
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import anyio
+from langchain_core.messages import AIMessage, AIMessageChunk
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from adapters.server.app import create_app
+from adapters.server.runners import Call, LocalRunner
+from adapters.server.settings import ServerSettings
+from guardrail.errors import GuardrailError, GuardUnavailableError
+
+MAX_BATCH = 16
+BATCH_WAIT_S = 0.005
+
+
+@serve.deployment(max_ongoing_requests=2 * MAX_BATCH)  # enough in flight to fill a batch
+class GuardedModel:
+    """One replica: the model and a chat model per app (errors are returned as values, so that
+    the typed error, with its decision, reaches the ingress as it was raised)."""
+
+    def __init__(self, settings_json: str) -> None:
+        self.runner = LocalRunner(ServerSettings.model_validate_json(settings_json))
+        self.runner.load()
+
+    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
+    async def invoke(self, calls: list[Call]) -> list[AIMessage | GuardrailError]:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, call in enumerate(calls):
+            groups[call.settings_key].append(i)
+        answers: list[AIMessage | GuardrailError | None] = [None] * len(calls)
+        for indices in groups.values():
+            first = calls[indices[0]]
+
+            def run(indices: list[int] = indices, first: Call = first) -> list[Any]:
+                chat = self.runner.chats[first.app]
+                conversations = [calls[i].messages for i in indices]
+                return chat.generate_many(conversations, stop=first.stop, **first.arguments)
+
+            for i, answer in zip(indices, await anyio.to_thread.run_sync(run), strict=True):
+                answers[i] = answer
+        return [answer for answer in answers if answer is not None]
+
+    async def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk | GuardrailError, None]:
+        pieces = self.runner.stream(call)
+        try:
+            async for piece in pieces:
+                yield piece
+        except GuardrailError as e:
+            yield e
+        finally:
+            await pieces.aclose()
+
+    async def health(self) -> dict[str, str]:
+        return await self.runner.health()
+
+
+class RayRunner:
+    """The ingress side: calls go to ``GuardedModel`` replicas through ``handle``."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    async def start(self) -> None:
+        return None
+
+    async def invoke(self, call: Call) -> AIMessage:
+        answer = await self.handle.invoke.remote(call)
+        if isinstance(answer, GuardrailError):
+            raise answer
+        assert isinstance(answer, AIMessage)
+        return answer
+
+    async def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk, None]:
+        pieces = self.handle.options(stream=True).stream.remote(call)
+        try:
+            async for piece in pieces:
+                if isinstance(piece, GuardrailError):
+                    raise piece
+                yield piece
+        finally:  # the consumer went away: cancel the replica's stream (it stops generating)
+            pieces.cancel()
+
+    async def health(self) -> dict[str, str]:
+        states: dict[str, str] = await self.handle.health.remote()
+        return states
+
+
+def application(
+    settings: ServerSettings,
+    *,
+    replicas: int = 1,
+    num_gpus: float = 0,
+    num_cpus: float = 1,
+    autoscaling: dict[str, Any] | None = None,
+) -> serve.Application:
+    """The Ray Serve application: ``Ingress`` over ``replicas`` model replicas (or an
+    ``autoscaling`` config), each with ``num_gpus`` GPUs and ``num_cpus`` CPUs."""
+    options: dict[str, Any] = {"ray_actor_options": {"num_gpus": num_gpus, "num_cpus": num_cpus}}
+    if autoscaling is not None:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    model = GuardedModel.options(**options).bind(settings.model_dump_json())  # type: ignore[attr-defined]
+    api = create_app(settings, runner=_IngressRunner())
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
+    @serve.ingress(api)
+    class Ingress:
+        def __init__(self, handle: DeploymentHandle) -> None:
+            # this class travels by value (its globals are a copy): set the module's own
+            from adapters.server import ray_serve
+
+            ray_serve._INGRESS_RUNNER = RayRunner(handle)
+
+    return Ingress.bind(model)  # type: ignore[attr-defined]
+
+
+# The ingress replica's runner: set by Ingress.__init__ in that replica's process.
+_INGRESS_RUNNER: RayRunner | None = None
+
+
+class _IngressRunner:
+    """What the ingress app is built with: forwards to the replica's :class:`RayRunner` once
+    it exists (until then the app answers 503)."""
+
+    @staticmethod
+    def _runner() -> RayRunner:
+        if _INGRESS_RUNNER is None:
+            raise GuardUnavailableError("the model replicas are not ready")
+        return _INGRESS_RUNNER
+
+    async def start(self) -> None:
+        return None
+
+    async def invoke(self, call: Call) -> AIMessage:
+        return await self._runner().invoke(call)
+
+    def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk, None]:
+        return self._runner().stream(call)
+
+    async def health(self) -> dict[str, str]:
+        return await self._runner().health() if _INGRESS_RUNNER is not None else {}
