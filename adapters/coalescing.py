@@ -26,12 +26,16 @@ class _Group:
 
 class RequestCoalescer:
     """Collects requests with equal generation settings for ``window_s`` and runs them as one
-    batch. A request the guard refuses gets its own error (the batch runs the others); if the
-    whole batch fails unexpectedly, each request is retried alone."""
+    batch, one batch at a time: while a batch runs, the next one keeps collecting (up to
+    ``max_batch``), so that load makes batches larger rather than passes concurrent (concurrent
+    passes on one device only compete for it). A request the guard refuses gets its own error
+    (the batch runs the others); if the whole batch fails unexpectedly, each request is retried
+    alone."""
 
     def __init__(self, run_batch: RunBatch, window_s: float = 0.005, max_batch: int = 16) -> None:
         self._run_batch, self.window_s, self.max_batch = run_batch, window_s, max_batch
         self._lock = threading.Lock()
+        self._running = threading.Lock()  # one engine pass at a time
         self._open: dict[Hashable, _Group] = {}
 
     def submit(self, request: GuardRequest, settings: dict[str, Any]) -> GuardedOutput:
@@ -48,11 +52,12 @@ class RequestCoalescer:
             group.requests.append(request)
         if leader:
             time.sleep(self.window_s)
-            with self._lock:
-                group.closed = True
-                if self._open.get(key) is group:
-                    del self._open[key]
-            self._run(group, settings)
+            with self._running:  # the group keeps filling until the previous batch is done
+                with self._lock:
+                    group.closed = True
+                    if self._open.get(key) is group:
+                        del self._open[key]
+                self._run(group, settings)
         else:
             group.done.wait()
         if group.error is not None:

@@ -1,12 +1,14 @@
-"""A bounded load test of serving: the in-process chat model against the uvicorn server.
+"""A bounded load test of serving: in-process, uvicorn, and Ray Serve with 1 and 2 replicas.
 
 For each fixture and concurrency, the same multimodal requests (a data-URL image, 8 new tokens)
-go to ``ChatGuardedVLM.invoke`` from a thread pool, and to ``guardrail serve``'s app on a
-loopback port through the openai SDK. Prints throughput, p50/p99 latency, errors and unguarded
-multimodal answers for each, and the server's throughput as a ratio to in-process in the same
-run; a final JSON line. Ray Serve is not measured (not built yet).
+go to ``ChatGuardedVLM.invoke`` from a thread pool (in-process), to ``guardrail serve``'s app
+on a loopback port (uvicorn), and to the Ray Serve application with 1 and 2 model replicas,
+the last three through the openai SDK. Prints throughput, p50/p99 latency, errors and
+unguarded multimodal answers for each, and each target's throughput as a ratio to in-process
+in the same run; a final JSON line. The shift is calibrated into a shared folder store first.
 
     python bench/serve.py [--fixtures tiny smollm] [--requests 200 40] [--concurrency 1 4 16]
+                          [--targets in-process uvicorn ray-1 ray-2]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import logging
 import statistics
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +34,7 @@ from adapters.server import AppSettings, ServerSettings, create_app, hash_key
 from guardrail.testing import fixture_path, synthetic_image
 
 NEW_TOKENS = 8
+TARGETS = ("in-process", "uvicorn", "ray-1", "ray-2")
 
 
 def _image_content(seed: int) -> list[dict]:
@@ -75,31 +79,60 @@ def _run(call, count: int, concurrency: int) -> dict:
     }
 
 
+class _Uvicorn:
+    def __init__(self, settings: ServerSettings) -> None:
+        config = uvicorn.Config(create_app(settings), port=settings.port, log_level="error")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class _Ray:
+    def __init__(self, settings: ServerSettings, replicas: int) -> None:
+        import ray
+        from ray import serve
+
+        from adapters.server.ray_serve import application
+
+        ray.init(num_cpus=2 + replicas, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": settings.port})
+        serve.run(application(settings, replicas=replicas), route_prefix="/", name="bench")
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
 def main() -> None:
     logging.getLogger("guardrail.decisions").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fixtures", nargs="*", default=["tiny", "smollm"])
     parser.add_argument("--requests", nargs="*", type=int, default=[200, 40])
     parser.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16])
+    parser.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--port", type=int, default=8765)
     args = parser.parse_args()
     torch.set_num_threads(2)
+    store = f"file://{tempfile.mkdtemp(prefix='bench-serve-')}"
     rows = []
     for fixture, count in zip(args.fixtures, args.requests, strict=True):
         model = str(fixture_path(fixture))
-        chat = ChatGuardedVLM(model=model, app="bench", max_tokens=NEW_TOKENS)
+        chat = ChatGuardedVLM(model=model, app="bench", store=store, max_tokens=NEW_TOKENS)
         settings = ServerSettings(
             model=model,
+            store=store,
             port=args.port,
             apps=(AppSettings(name="bench", key_sha256=hash_key("k"), max_concurrent=64),),
         )
-        server = uvicorn.Server(
-            uvicorn.Config(create_app(settings), port=args.port, log_level="error")
-        )
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{args.port}/v1", api_key="k")
 
         def in_process(i: int, chat: ChatGuardedVLM = chat) -> dict:
@@ -114,27 +147,32 @@ def main() -> None:
             )
             return answer.model_extra["safety"]
 
-        in_process(0), over_http(0)  # warm-up
-        for concurrency in args.concurrency:
-            results = {
-                "in-process": _run(in_process, count, concurrency),
-                "uvicorn": _run(over_http, count, concurrency),
-            }
-            ratio = results["uvicorn"]["throughput_rps"] / results["in-process"]["throughput_rps"]
-            for target, result in results.items():
-                row = {"fixture": fixture, "target": target, "concurrency": concurrency, **result}
-                if target == "uvicorn":
-                    row["throughput_ratio_to_in_process"] = round(ratio, 3)
-                rows.append(row)
-                print(
-                    f"{fixture:7} c={concurrency:<3} {target:10} {result['throughput_rps']:7.2f} "
-                    f"req/s  p50 {result['p50_s']:.3f}s  p99 {result['p99_s']:.3f}s  "
-                    f"errors {result['errors']}  unguarded {result['unguarded_multimodal']}"
-                    + (f"  x{ratio:.3f} of in-process" if target == "uvicorn" else ""),
-                    flush=True,
-                )
-        server.should_exit = True
-        thread.join(30)
+        results: dict[tuple[str, int], dict] = {}
+        for target in args.targets:
+            server: _Uvicorn | _Ray | None = None
+            if target == "uvicorn":
+                server = _Uvicorn(settings)
+            elif target.startswith("ray-"):
+                server = _Ray(settings, int(target.split("-")[1]))
+            call = in_process if target == "in-process" else over_http
+            call(0)  # warm-up
+            for concurrency in args.concurrency:
+                results[target, concurrency] = _run(call, count, concurrency)
+            if server is not None:
+                server.stop()
+        for (target, concurrency), result in results.items():
+            base = results.get(("in-process", concurrency))
+            ratio = result["throughput_rps"] / base["throughput_rps"] if base else float("nan")
+            row = {"fixture": fixture, "target": target, "concurrency": concurrency, **result}
+            row["throughput_ratio_to_in_process"] = round(ratio, 3)
+            rows.append(row)
+            print(
+                f"{fixture:7} c={concurrency:<3} {target:10} {result['throughput_rps']:7.2f} "
+                f"req/s  p50 {result['p50_s']:.3f}s  p99 {result['p99_s']:.3f}s  "
+                f"errors {result['errors']}  unguarded {result['unguarded_multimodal']}  "
+                f"x{ratio:.3f} of in-process",
+                flush=True,
+            )
     print(json.dumps({"benchmark": "serve", "new_tokens": NEW_TOKENS, "rows": rows}))
 
 
