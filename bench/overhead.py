@@ -39,7 +39,7 @@ import torch
 from guardrail import GuardConfig, GuardedVLM, GuardRequest
 from guardrail.constraints import OutputConstraint
 from guardrail.images import corruption_image
-from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
+from guardrail.testing import anchor_prompts, fixture_path, function_tool, synthetic_image
 
 VARIANTS = (
     "unguarded",
@@ -148,22 +148,8 @@ def measure(
 
 
 TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "type": "object",
-                "properties": {arg: {"type": kind}},
-                "required": [arg],
-            },
-        },
-    }
-    for name, description, arg, kind in (
-        ("web_search", "Search the web.", "query", "string"),
-        ("square", "Square an integer.", "n", "integer"),
-    )
+    function_tool("web_search", "Search the web.", query="string"),
+    function_tool("square", "Square an integer.", n="integer"),
 ]
 
 

@@ -18,28 +18,12 @@ import logging
 import torch
 
 from guardrail import GuardedVLM, GuardRequest
-from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
-
-
-def _tool(name: str, description: str, **properties: str) -> dict:
-    return {
-        "type": "function",
-        "function": {
-            "name": name,
-            "description": description,
-            "parameters": {
-                "type": "object",
-                "properties": {k: {"type": v} for k, v in properties.items()},
-                "required": list(properties),
-            },
-        },
-    }
-
+from guardrail.testing import anchor_prompts, fixture_path, function_tool, synthetic_image
 
 TOOLS = [
-    _tool("web_search", "Search the web.", query="string"),
-    _tool("add", "Add two integers.", a="integer", b="integer"),
-    _tool("screenshot", "Take a screenshot of a web page.", url="string"),
+    function_tool("web_search", "Search the web.", query="string"),
+    function_tool("add", "Add two integers.", a="integer", b="integer"),
+    function_tool("screenshot", "Take a screenshot of a web page.", url="string"),
 ]
 
 

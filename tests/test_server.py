@@ -43,6 +43,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180) -> None:
+    """Until ``url/healthz`` answers 200 (the server process must stay alive meanwhile)."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline and process.poll() is None, "server did not become ready"
+        time.sleep(0.3)
+
+
 class Served:
     """A server in a thread of the test process, on a free loopback port."""
 
@@ -328,15 +341,7 @@ def test_guardrail_serve_drains_in_flight_requests_on_sigterm(tiny_path, tmp_pat
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and process.poll() is None, process.stderr.read()
-            time.sleep(0.2)
+        wait_until_healthy(url, process)
         body = {"model": str(tiny_path), "messages": [IMAGE_MESSAGE], "max_tokens": 250}
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             in_flight = pool.submit(httpx.post, f"{url}/v1/chat/completions", json=body, timeout=60)

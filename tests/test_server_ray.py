@@ -14,7 +14,7 @@ from adapters.langchain import ChatGuardedVLM
 from adapters.server import AppSettings, ServerSettings, hash_key
 from adapters.server.ray_serve import application
 
-from .test_server import IMAGE_MESSAGE, _free_port
+from .test_server import IMAGE_MESSAGE, _free_port, wait_until_healthy
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,6 @@ def test_guardrail_serve_with_replicas_starts_answers_and_stops(tiny_path, tmp_p
     import signal
     import subprocess
     import sys
-    import time
 
     import httpx
 
@@ -110,15 +109,7 @@ def test_guardrail_serve_with_replicas_starts_answers_and_stops(tiny_path, tmp_p
     ]
     process = subprocess.Popen(command, env={**os.environ, "RAY_ADDRESS": ""})
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and process.poll() is None
-            time.sleep(0.5)
+        wait_until_healthy(f"http://127.0.0.1:{port}", process)
         body = {"model": str(tiny_path), "messages": [IMAGE_MESSAGE], "max_tokens": 3}
         answer = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
         assert answer.status_code == 200 and answer.json()["safety"]["guarded"]
