@@ -74,6 +74,7 @@ _CALL_ARGUMENTS = frozenset(
         "top_p",
         "top_k",
         "seed",
+        "max_time",
         "trust",
         "model",
         "tools",
@@ -398,6 +399,8 @@ class ChatGuardedVLM(BaseChatModel):
                 settings["seed"] = int(kwargs["seed"])
         if stop:
             settings["stop_strings"] = list(stop)
+        if kwargs.get("max_time") is not None:  # seconds; the answer ends as if at max_tokens
+            settings["max_time"] = float(kwargs["max_time"])
         return settings
 
     def _run_batch(

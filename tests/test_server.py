@@ -100,6 +100,7 @@ def served(tiny_path, tmp_path_factory):
                 max_tokens=256,
                 max_request_bytes=200_000,
             ),
+            AppSettings(name="hurried", key_sha256=hash_key("key-h"), max_request_s=0.3),
         ),
     )
     server = Served(settings)
@@ -154,7 +155,7 @@ def test_models_health_and_metrics(served):
     models = served.client("key-a").models.list()
     assert [m.id for m in models.data] == [served.settings.model]
     health = httpx.get(f"{served.url}/healthz").json()
-    assert health["status"] == "ok" and set(health["apps"]) == {"alpha", "beta"}
+    assert health["status"] == "ok" and set(health["apps"]) == {"alpha", "beta", "hurried"}
     before = _metric(served, 'guardrail_calls_total{app="alpha",mode_used="dataset"}')
     _ask(served)
     after = _metric(served, 'guardrail_calls_total{app="alpha",mode_used="dataset"}')
@@ -199,6 +200,14 @@ def test_over_the_concurrency_limit_is_429_with_retry_after(served):
         assert first.result().model_extra["safety"]["app"] == "beta"
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert _ask(served, "key-b").model_extra["safety"]["app"] == "beta"  # the slot came back
+
+
+def test_generation_stops_at_the_apps_deadline(served):
+    started = time.perf_counter()
+    answer = _ask(served, "key-h", max_tokens=1000)
+    assert time.perf_counter() - started < 2.0  # 1000 tiny-model tokens take about 5 s
+    assert answer.choices[0].finish_reason == "length"
+    assert 0 < answer.usage.completion_tokens < 1000
 
 
 def test_bad_input_is_400_with_the_typed_message(served):

@@ -159,7 +159,10 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         handed_over = False
         try:
             model_call = Call(
-                name, call.langchain_messages(), call.stops, call.call_arguments(tokens)
+                name,
+                call.langchain_messages(),
+                call.stops,
+                call.call_arguments(tokens, app.max_request_s),
             )
             if call.stream:
                 response = await _stream(app, model_call, call, arrived)

@@ -47,9 +47,10 @@ class ChatCompletionRequest(BaseModel):
         except (ValueError, TypeError, KeyError, NotImplementedError) as e:
             raise InvalidInputError(f"messages: {e}") from e
 
-    def call_arguments(self, max_tokens: int) -> dict[str, Any]:
-        """Keyword arguments for the chat model's call (``max_tokens`` already checked)."""
-        arguments: dict[str, Any] = {"max_tokens": max_tokens}
+    def call_arguments(self, max_tokens: int, max_time: float) -> dict[str, Any]:
+        """Keyword arguments for the chat model's call (``max_tokens`` already checked;
+        generation stops after ``max_time`` seconds)."""
+        arguments: dict[str, Any] = {"max_tokens": max_tokens, "max_time": max_time}
         for name in ("temperature", "top_p", "seed", "tools", "tool_choice", "response_format"):
             value = getattr(self, name)
             if value is not None:

@@ -47,7 +47,8 @@ class AppSettings(BaseModel):
     max_tokens: int = Field(default=1024, ge=1)
     max_request_bytes: int = Field(default=20_000_000, ge=1)
     max_concurrent: int = Field(default=4, ge=1)
-    max_request_s: float = Field(default=300.0, gt=0)  # a response, streamed or not, ends by then
+    # generation stops after this long, and a response (streamed or not) ends by then
+    max_request_s: float = Field(default=300.0, gt=0)
 
     @property
     def store_namespace(self) -> str:
