@@ -41,13 +41,15 @@ class RequestCoalescer:
     def submit(self, request: GuardRequest, settings: dict[str, Any]) -> GuardedOutput:
         """Run ``request`` (possibly with others) and return its output."""
         if self.window_s <= 0:
-            return self._run_batch([request], settings)[0]
+            alone = self._run_batch([request], settings)[0]
+            if isinstance(alone, BaseException):
+                raise alone
+            return alone
         key = json.dumps(settings, sort_keys=True, default=str)
         with self._lock:
-            group = self._open.get(key)
-            leader = group is None or group.closed or len(group.requests) >= self.max_batch
-            if leader:
-                group = self._open[key] = _Group()
+            found = self._open.get(key)
+            leader = found is None or found.closed or len(found.requests) >= self.max_batch
+            group = self._open[key] = _Group() if leader or found is None else found
             slot = len(group.requests)
             group.requests.append(request)
         if leader:

@@ -134,7 +134,8 @@ def _constraint(
 
 def _response_constraint(response_format: Any) -> OutputConstraint:
     if isinstance(response_format, type) and is_basemodel_subclass(response_format):
-        return OutputConstraint.json_schema(response_format.model_json_schema())
+        schema: dict[str, Any] = response_format.model_json_schema()  # type: ignore[attr-defined]
+        return OutputConstraint.json_schema(schema)
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind == "json_object":
         return OutputConstraint.any_json()
@@ -242,12 +243,10 @@ class ChatGuardedVLM(BaseChatModel):
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop, **kwargs)
-        params.update(
-            ls_provider="cmrm-guardrail",
-            ls_model_name=kwargs.get("model", self.model),
-            ls_max_tokens=kwargs.get("max_tokens", self.max_tokens),
-            ls_temperature=kwargs.get("temperature", self.temperature),
-        )
+        params["ls_provider"] = "cmrm-guardrail"
+        params["ls_model_name"] = kwargs.get("model", self.model)
+        params["ls_max_tokens"] = kwargs.get("max_tokens", self.max_tokens)
+        params["ls_temperature"] = kwargs.get("temperature", self.temperature)
         if stop or self.stop:
             params["ls_stop"] = stop or self.stop
         return params
@@ -284,7 +283,7 @@ class ChatGuardedVLM(BaseChatModel):
         choice = _tool_choice_value(tool_choice, formatted)
         return super().bind(tools=formatted, tool_choice=choice, **kwargs)
 
-    def with_structured_output(  # type: ignore[override]
+    def with_structured_output(  # type: ignore[override,unused-ignore]
         self,
         schema: dict[str, Any] | type | None = None,
         *,
@@ -359,10 +358,10 @@ class ChatGuardedVLM(BaseChatModel):
         trust: Trust | None = kwargs.get("trust")
         tools = [convert_to_openai_tool(t) for t in kwargs.get("tools") or []]
         choice = _tool_choice_value(kwargs.get("tool_choice"), tools)
-        offered = dict(
-            tools=() if choice == "none" else tools,
-            constraint=_constraint(tools, choice, kwargs.get("response_format")),
-        )
+        offered: dict[str, Any] = {
+            "tools": () if choice == "none" else tools,
+            "constraint": _constraint(tools, choice, kwargs.get("response_format")),
+        }
         conversation = to_conversation(messages, self._fetcher)
         request = GuardRequest(conversation.messages, conversation.images, app=self.app, **offered)
         if not conversation.images:
@@ -406,7 +405,9 @@ class ChatGuardedVLM(BaseChatModel):
     def _run_batch(
         self, requests: list[GuardRequest], settings: dict[str, Any]
     ) -> list[GuardedOutput | GuardrailError]:
-        extra = {"tokenizer": self._vlm.tokenizer} if "stop_strings" in settings else {}
+        extra: dict[str, Any] = {}
+        if "stop_strings" in settings:
+            extra["tokenizer"] = self._vlm.tokenizer
         settings = dict(settings)
         seed = settings.pop("seed", None)
         if seed is None:
@@ -425,7 +426,9 @@ class ChatGuardedVLM(BaseChatModel):
         )
         calls: dict[str, Any]
         if cls is AIMessageChunk:  # a stream's last chunk: the calls, each as one whole chunk
-            written = [(c.name, json.dumps(c.arguments), c.id) for c in output.tool_calls]
+            written: list[tuple[str | None, str, str]] = [
+                (c.name, json.dumps(c.arguments), c.id) for c in output.tool_calls
+            ]
             written += [(c.name, c.text, c.id) for c in output.invalid_tool_calls]
             chunks = [
                 tool_call_chunk(name=name, args=args, id=id_, index=i)
@@ -442,7 +445,7 @@ class ChatGuardedVLM(BaseChatModel):
                     for c in output.invalid_tool_calls
                 ],
             }
-        return cls(
+        message: BaseMessage = cls(
             content=content,
             usage_metadata=usage,
             response_metadata={
@@ -453,6 +456,7 @@ class ChatGuardedVLM(BaseChatModel):
             },
             **calls,
         )
+        return message
 
     @staticmethod
     def _cut_at_stop(text: str, stop: list[str] | None) -> str:
@@ -628,4 +632,6 @@ class ChatGuardedVLM(BaseChatModel):
         self._report(output, run_manager)
         final = self._cut_at_stop(held.split(TOOL_CALL_OPEN)[0] if request.tools else held, stop)
         stopped = stopped or final != held.split(TOOL_CALL_OPEN)[0]
-        yield ChatGenerationChunk(message=self._message(final, output, AIMessageChunk, stopped))
+        last = self._message(final, output, AIMessageChunk, stopped)
+        assert isinstance(last, AIMessageChunk)
+        yield ChatGenerationChunk(message=last)

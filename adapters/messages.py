@@ -99,7 +99,8 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
     for message in messages:
         role = _role(message)
         parts: list[dict[str, Any]] = []
-        for block in message.content_blocks:
+        for typed_block in message.content_blocks:
+            block: dict[str, Any] = dict(typed_block)
             kind = block.get("type")
             if kind == "text":
                 parts.append({"type": "text", "text": block["text"]})

@@ -84,6 +84,6 @@ def _serve_on_ray(settings: ServerSettings, replicas: int, num_gpus: float) -> i
     serve.run(application(settings, replicas=replicas, num_gpus=num_gpus), route_prefix="/")
     print(f"serving on {settings.host}:{settings.port} with {replicas} replica(s)", file=sys.stderr)
     signal.sigwait(stop_signals)
-    serve.shutdown()
+    serve.shutdown()  # type: ignore[no-untyped-call]
     ray.shutdown()
     return 0

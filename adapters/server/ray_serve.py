@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 from langchain_core.messages import AIMessage, AIMessageChunk
 from ray import serve
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from adapters.server.app import create_app
 from adapters.server.runners import Call, LocalRunner
@@ -80,7 +80,7 @@ class GuardedModel:
 class RayRunner:
     """The ingress side: calls go to ``GuardedModel`` replicas through ``handle``."""
 
-    def __init__(self, handle: DeploymentHandle) -> None:
+    def __init__(self, handle: DeploymentHandle[Any]) -> None:
         self.handle = handle
 
     async def start(self) -> None:
@@ -95,13 +95,14 @@ class RayRunner:
 
     async def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk, None]:
         pieces = self.handle.options(stream=True).stream.remote(call)
+        assert isinstance(pieces, DeploymentResponseGenerator)
         try:
             async for piece in pieces:
                 if isinstance(piece, GuardrailError):
                     raise piece
                 yield piece
         finally:  # the consumer went away: cancel the replica's stream (it stops generating)
-            pieces.cancel()
+            pieces.cancel()  # type: ignore[no-untyped-call]
 
     async def health(self) -> dict[str, str]:
         states: dict[str, str] = await self.handle.health.remote()
@@ -129,13 +130,14 @@ def application(
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=256)
     @serve.ingress(api)
     class Ingress:
-        def __init__(self, handle: DeploymentHandle) -> None:
+        def __init__(self, handle: DeploymentHandle[Any]) -> None:
             # this class travels by value (its globals are a copy): set the module's own
             from adapters.server import ray_serve
 
             ray_serve._INGRESS_RUNNER = RayRunner(handle)
 
-    return Ingress.bind(model)  # type: ignore[attr-defined]
+    ingress: serve.Application = Ingress.bind(model)  # type: ignore[attr-defined]
+    return ingress
 
 
 # The ingress replica's runner: set by Ingress.__init__ in that replica's process.

@@ -106,7 +106,8 @@ class ServerSettings(BaseModel):
     def development_mode(cls, model: str, **options: object) -> ServerSettings:
         """One app named ``default``, no keys, loopback only."""
         values = {k: v for k, v in options.items() if v is not None}
-        return cls(model=model, apps=(AppSettings(name="default"),), development=True, **values)
+        data = {"model": model, "apps": [{"name": "default"}], "development": True, **values}
+        return cls.model_validate(data)
 
     def app_for(self, key: str | None) -> AppSettings | None:
         """The app whose key this is (the development app for any key); None if no app."""
