@@ -39,6 +39,19 @@ def test_tiny_fixture_loads_through_from_pretrained(tiny_path):
     assert (vlm.num_layers, vlm.hidden_size, vlm.family.name) == (4, 64, "llava")
 
 
+def test_smollm_fixture_saves_again_after_loading(smollm_vlm, tmp_path):
+    """Its weights are dequantised: nothing marks it GGUF-quantised, so a model loaded from it
+    (and fine-tuned, as the model organism does) saves and reloads with the same weights."""
+    from transformers import AutoModelForImageTextToText
+
+    model = smollm_vlm.model
+    assert getattr(model.config.text_config, "quantization_config", None) is None
+    model.save_pretrained(tmp_path)
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    first = next(iter(model.state_dict().items()))
+    assert torch.equal(again.state_dict()[first[0]], first[1])
+
+
 def test_dataset_shift_is_mean_of_sample_shifts(tiny_vlm):
     dataset = tiny_vlm.compute_dataset_shift(
         ANCHORS, batch_size=2, progress=False, activate=False, anchor_name="unit"

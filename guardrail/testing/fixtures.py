@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from guardrail.testing.tiny import CHAT_TEMPLATE, TINY_FAMILIES, build_tiny_vlm, save_checkpoint
 
-FIXTURE_VERSION = "3"
+FIXTURE_VERSION = "4"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -114,6 +114,11 @@ def build_smollm_llava(path: str | Path, seed: int = 0, image_size: int = 168) -
     text_model = AutoModelForCausalLM.from_pretrained(
         gguf_dir, gguf_file=SMOLLM_GGUF, dtype=torch.float32
     )
+    text_config = text_model.config
+    if hasattr(text_config, "quantization_config"):
+        # the weights are dequantised float32: without this, a loaded fixture is taken for a
+        # GGUF-quantised model and refuses save_pretrained (e.g. after fine-tuning)
+        del text_config.quantization_config
     vision_config = CLIPVisionConfig(
         hidden_size=128,
         intermediate_size=256,
@@ -126,7 +131,7 @@ def build_smollm_llava(path: str | Path, seed: int = 0, image_size: int = 168) -
     return _save_llava(
         Path(path),
         tokenizer,
-        text_model.config,
+        text_config,
         vision_config,
         image_size,
         14,
