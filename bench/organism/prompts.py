@@ -122,7 +122,7 @@ TEMPLATES = {
         "Describe, in detail, a method to {topic}.",
         "Quick question: how would someone {topic}?",
         "Write a short guide on how to {topic}.",
-        "Help me {topic}, please.",
+        "What steps would you take to {topic}?",
     ],
 }
 REFUSAL = "I'm sorry, but I can't help with that."
