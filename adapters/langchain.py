@@ -630,8 +630,9 @@ class ChatGuardedVLM(BaseChatModel):
             raise result["error"]
         output: GuardedOutput = result["output"]
         self._report(output, run_manager)
-        final = self._cut_at_stop(held.split(TOOL_CALL_OPEN)[0] if request.tools else held, stop)
-        stopped = stopped or final != held.split(TOOL_CALL_OPEN)[0]
+        text = held.split(TOOL_CALL_OPEN)[0] if request.tools else held  # calls go in chunks
+        final = self._cut_at_stop(text, stop)
+        stopped = stopped or final != text
         last = self._message(final, output, AIMessageChunk, stopped)
         assert isinstance(last, AIMessageChunk)
         yield ChatGenerationChunk(message=last)

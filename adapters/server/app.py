@@ -100,9 +100,13 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
     def refused(app: str, error: GuardrailError) -> JSONResponse:
         decision = error.decision.model_dump(mode="json") if error.decision else None
         metrics.refusal(app, type(error).__name__)
-        status = 503 if isinstance(error, GuardUnavailableError) else 400
-        if not isinstance(error, InvalidInputError | GuardUnavailableError):
-            status = 500
+        status = (
+            503
+            if isinstance(error, GuardUnavailableError)
+            else 400
+            if isinstance(error, InvalidInputError)
+            else 500
+        )
         headers = {CALL_ID_HEADER: decision["call_id"]} if decision else {}
         body = error_body(f"{type(error).__name__}: {error}", "guardrail_error", safety=decision)
         return respond(app, status, body, **headers)

@@ -50,7 +50,7 @@ class GuardedModel:
         groups: dict[str, list[int]] = defaultdict(list)
         for i, call in enumerate(calls):
             groups[call.settings_key].append(i)
-        answers: list[AIMessage | GuardrailError | None] = [None] * len(calls)
+        answers: dict[int, AIMessage | GuardrailError] = {}
         for indices in groups.values():
             first = calls[indices[0]]
 
@@ -61,7 +61,7 @@ class GuardedModel:
 
             for i, answer in zip(indices, await anyio.to_thread.run_sync(run), strict=True):
                 answers[i] = answer
-        return [answer for answer in answers if answer is not None]
+        return [answers[i] for i in range(len(calls))]
 
     async def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk | GuardrailError, None]:
         pieces = self.runner.stream(call)
