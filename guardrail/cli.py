@@ -167,8 +167,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     report = DataReport()
     samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad, report)
+    config = GuardConfig(
+        layers=tuple(args.layers) if args.layers else None,
+        positions=args.positions,
+        corruption=CorruptionSpec(kind=args.corruption, seed=args.seed),
+    )
     vlm = GuardedVLM.from_pretrained(
-        args.model, family=args.family, device=args.device, dtype=args.dtype
+        args.model, config=config, family=args.family, device=args.device, dtype=args.dtype
     )
     modes = args.modes.split(",")
     if "dataset" in modes:
@@ -191,7 +196,11 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(table(results, rep))
     print(f"judge: {judge.name}; {len(samples)} samples, {report.skipped} skipped")
     if args.json:
-        payload = as_json(results, rep) | {"judge": judge.name, "skipped": report.skipped}
+        payload = as_json(results, rep) | {
+            "judge": judge.name,
+            "skipped": report.skipped,
+            "config": config.model_dump(mode="json"),
+        }
         Path(args.json).write_text(json.dumps(payload, indent=2))
     if args.plot:
         from guardrail.evaluation.plots import plot_alpha_sweep, plot_pca
@@ -262,6 +271,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="vlm,text-only,caption,dataset,sample")
     p.add_argument("--alpha", type=float, nargs="+", default=[1.0])
     p.add_argument("--anchor-name", default=None, help="dataset shift to use (store key name)")
+    p.add_argument(
+        "--layers", type=int, nargs="+", default=None, help="edited layers (default: 5/6 depth)"
+    )
+    p.add_argument("--positions", default="last", choices=["last", "text", "all"])
+    p.add_argument(
+        "--corruption",
+        default="blank",
+        choices=["blank", "noise"],
+        help="meaningless image of the sample-level shift (a stored one must match)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--judge", default="refusal", help="refusal | http | hf:MODEL")
     p.add_argument("--judge-cache", default=None, help="folder caching http judge answers")
     p.add_argument("--max-new-tokens", type=int, default=64)

@@ -96,6 +96,24 @@ def test_calibrate_then_eval_end_to_end(tiny_path, data, capsys):
     assert Image.open(root / "pca-alpha.png").size[0] > 300
 
 
+def test_eval_takes_the_edited_layers_positions_and_corruption(tiny_path, data, tmp_path):
+    _, images, vlsafe = data
+    report = tmp_path / "report.json"
+    common = ["--model", str(tiny_path), "--data", str(vlsafe), "--format", "vlsafe"]
+    args = [*common, "--images", str(images), "--modes", "vlm,sample", "--max-new-tokens", "2"]
+    assert main(["eval", *args, "--json", str(report)]) == 0
+    default = json.loads(report.read_text())
+    edited = ["--layers", "0", "2", "--positions", "text", "--corruption", "noise"]
+    assert main(["eval", *args, *edited, "--json", str(report)]) == 0
+    numbers = json.loads(report.read_text())
+    config = numbers["config"]
+    assert config["layers"] == [0, 2] and config["positions"] == "text"
+    assert config["corruption"]["kind"] == "noise" and default["config"]["layers"] is None
+    sample = numbers["modes"][1]["answers"]
+    assert {tuple(a["layers"]) for a in sample} == {(0, 2)}
+    assert {tuple(a["layers"]) for a in default["modes"][1]["answers"]} == {(3,)}
+
+
 def test_eval_reports_bad_data_clearly(tiny_path, data, capsys):
     _, images, vlsafe = data
     vlsafe.write_text(vlsafe.read_text() + '{"image_id": "gone.jpg", "query": "q"}\n')

@@ -106,6 +106,7 @@ def run_mode(
                     "unsafe": verdict.unsafe,
                     "judge_error": verdict.error,
                     "mode_used": output.decision.mode_used,
+                    "layers": list(output.decision.layers),
                 }
             )
     judged = result.n - result.judge_errors
