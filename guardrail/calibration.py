@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guardrail.backends import Backend
+from guardrail.backends import BackendRequest, MeasuringBackend, Sampling, run_to_completion
 from guardrail.backends.hooks import CapturePlan
 from guardrail.config import CorruptionSpec
 from guardrail.errors import InvalidInputError
@@ -32,7 +32,9 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 
 @torch.no_grad()
 def capture_states(
-    backend: Backend, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+    backend: MeasuringBackend,
+    renderings: Sequence[Rendering],
+    continuation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every layer's hidden states at the last prompt token, and at each token of
     ``continuation`` (``[batch, k]`` ids appended to every prompt):
@@ -45,7 +47,7 @@ def capture_states(
 
 
 def reference_shifts(
-    backend: Backend,
+    backend: MeasuringBackend,
     corruption: CorruptionSpec,
     renderings: Sequence[Rendering],
     continuation: torch.Tensor | None = None,
@@ -61,19 +63,13 @@ def reference_shifts(
 
 
 def text_only_continuation(
-    backend: Backend, renderings: Sequence[Rendering], tokens: int
+    backend: MeasuringBackend, renderings: Sequence[Rendering], tokens: int
 ) -> torch.Tensor:
     """The model's own greedy text-only answer, exactly ``tokens`` long: ``[batch, tokens]``."""
-    inputs = backend.encode([text_only(r) for r in renderings])
-    output = backend.generate(
-        inputs,
-        None,
-        request_rows=len(renderings),
-        max_new_tokens=tokens,
-        min_new_tokens=tokens,
-        do_sample=False,
-    )
-    return output[:, inputs["input_ids"].shape[1] :].cpu()
+    sampling = Sampling(max_new_tokens=tokens, min_new_tokens=tokens)
+    requests = [BackendRequest(str(i), text_only(r), sampling) for i, r in enumerate(renderings)]
+    answers = run_to_completion(backend.open_batch(), requests)
+    return torch.tensor([answers[str(i)].tokens for i in range(len(renderings))])
 
 
 @dataclass
@@ -89,7 +85,7 @@ class CalibrationSums:
 
 
 def dataset_shift_sums(
-    backend: Backend,
+    backend: MeasuringBackend,
     corruption: CorruptionSpec,
     samples: Iterable[str | GuardRequest],
     *,
@@ -146,7 +142,7 @@ def dataset_shift_sums(
 
 
 def compute_dataset_shift(
-    backend: Backend,
+    backend: MeasuringBackend,
     corruption: CorruptionSpec,
     samples: Iterable[str | GuardRequest],
     *,
@@ -193,7 +189,7 @@ def compute_dataset_shift(
 
 
 def compute_sample_shift(
-    backend: Backend, corruption: CorruptionSpec, rendering: Rendering
+    backend: MeasuringBackend, corruption: CorruptionSpec, rendering: Rendering
 ) -> ShiftVector:
     """``Δ`` at the last prompt token of one input (two prefill-only passes)."""
     delta = reference_shifts(backend, corruption, [rendering])[0][:, 0, 0].cpu()

@@ -39,7 +39,12 @@ class GuardDecision(BaseModel):
     shift_level: Literal["dataset", "sample"] | None = None
     shift_norm: float | None = Field(default=None, description="‖Δ‖ at the last edited layer")
     fallbacks: list[str] = Field(default_factory=list)
-    batch_rows: int = Field(default=1, description="requests in the batched pass of this call")
+    batch_rows: int = Field(
+        default=1, description="requests that had joined this call's batch when it finished"
+    )
+    batch: str | None = Field(
+        default=None, description="id of the running batch this call was answered in"
+    )
     reason: str
     added_latency_ms: float = Field(
         default=0.0,

@@ -7,7 +7,9 @@ the backend runs it, and the decision record is built from the plan and the outc
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,15 +18,24 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from guardrail import calibration
 from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
-from guardrail.backends import Backend, Inputs, Processor, TransformersBackend
-from guardrail.backends.hooks import CapturePlan, ChainedPlan
-from guardrail.batching import PreparedBatch, prepare_batch
+from guardrail.backends import (
+    Answer,
+    BackendRequest,
+    Inputs,
+    MeasuringBackend,
+    Processor,
+    Sampling,
+    TransformersBackend,
+    run_to_completion,
+)
+from guardrail.backends.hooks import CapturePlan
 from guardrail.config import GuardConfig, Mode
+from guardrail.correction import to_backend_request
 from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import GuardrailError, GuardUnavailableError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
-from guardrail.outputs import GuardedOutput, answers, with_tool_calls
+from guardrail.outputs import GuardedOutput, output_of
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
 from guardrail.plausibility import plausibility_check
 from guardrail.requests import (
@@ -49,7 +60,7 @@ class GuardedVLM:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: MeasuringBackend,
         config: GuardConfig | None = None,
         shifts: DatasetShifts | None = None,
     ) -> None:
@@ -109,7 +120,8 @@ class GuardedVLM:
     @property
     def model(self) -> nn.Module:
         """The backend's model (a transformers ``PreTrainedModel`` for the default backend)."""
-        return self.backend.model
+        model: nn.Module = getattr(self.backend, "model")  # noqa: B009  (not in the protocol)
+        return model
 
     @property
     def processor(self) -> Processor | None:
@@ -247,6 +259,43 @@ class GuardedVLM:
         """The backend's model inputs for ``renderings`` (left-padded)."""
         return self.backend.encode(renderings)
 
+    def prepare(
+        self,
+        request: GuardRequest,
+        sampling: Sampling | None = None,
+        *,
+        request_id: str | None = None,
+        started: float | None = None,
+    ) -> PreparedCall:
+        """Render and plan ``request`` and turn the plan into the backend's request (reference
+        renderings for sample level). Bad input and fail-closed plans raise typed errors with
+        their decision record (logged)."""
+        started = time.perf_counter() if started is None else started
+        rendering, plan = self.plan(request)
+        backend_request = to_backend_request(
+            request_id or uuid.uuid4().hex,
+            request,
+            rendering,
+            plan,
+            self.config,
+            sampling or Sampling(),
+            self.backend.default_image_size,
+        )
+        prepared_ms = (time.perf_counter() - started) * 1e3
+        return PreparedCall(request, plan, backend_request, prepared_ms)
+
+    def conclude(
+        self, call: PreparedCall, answer: Answer, batch_rows: int = 1, text: str | None = None
+    ) -> GuardedOutput:
+        """The output of a finished call (``text`` when a stop string cut it), with its one
+        decision record (logged)."""
+        outcome = Outcome(batch_rows, call.prepared_ms, answer.live_shift_norm, answer.batch)
+        decision = decision_record(
+            call.plan, call.request, self.config, model_id=self.fingerprint.id, outcome=outcome
+        )
+        log_decision(decision)
+        return output_of(answer, decision, self.tokenizer, call.request.tools, text)
+
     def generate(
         self,
         prompt: str | Sequence[dict[str, Any]],
@@ -257,84 +306,76 @@ class GuardedVLM:
         shift: ShiftVector | None = None,
         **generation: Any,
     ) -> GuardedOutput:
-        """Generate one guarded answer. ``generation`` goes to ``model.generate``."""
+        """Generate one guarded answer (``generation``: see :meth:`generate_batch`)."""
         request = GuardRequest(prompt, images, alpha=alpha, mode=mode, shift=shift)
         return self.generate_batch([request], **generation)[0]
 
     def generate_batch(
-        self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128, **generation: Any
+        self, requests: Sequence[GuardRequest], **generation: Any
     ) -> list[GuardedOutput]:
-        """Generate for several requests in one batched pass, each with its own correction.
-        A request refused by the guard raises its typed error before anything is generated."""
-        started = time.perf_counter()
-        planned = [self.plan(request) for request in requests]
-        return self._generate(requests, planned, started, max_new_tokens, generation)
+        """Generate for several requests in one batch, each with its own correction.
+        ``generation``: ``max_new_tokens`` (128), ``temperature`` (0: greedy), ``top_p``,
+        ``top_k``, ``seed``, ``min_new_tokens``, or a whole ``sampling``. A request refused by the
+        guard raises its typed error before anything is generated."""
+        outcomes = self._run([self.prepare(r, sampling_of(generation)) for r in requests])
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return outcomes  # type: ignore[return-value]
 
     def generate_each(
-        self, requests: Sequence[GuardRequest], *, max_new_tokens: int = 128, **generation: Any
+        self, requests: Sequence[GuardRequest], **generation: Any
     ) -> list[GuardedOutput | GuardrailError]:
         """Like :meth:`generate_batch`, but a refused request does not stop the others: its
         place holds the typed error (with its one decision record) instead of an output."""
-        started = time.perf_counter()
+        sampling = sampling_of(generation)
         refused: dict[int, GuardrailError] = {}
-        planned: dict[int, tuple[Rendering, RowPlan]] = {}
+        prepared: dict[int, PreparedCall] = {}
         for i, request in enumerate(requests):
             try:
-                planned[i] = self.plan(request)
+                prepared[i] = self.prepare(request, sampling)
             except GuardrailError as e:
                 refused[i] = e
-        kept = [requests[i] for i in planned]
-        outputs = self._generate(kept, list(planned.values()), started, max_new_tokens, generation)
-        answered = dict(zip(planned, outputs, strict=True))
-        return [answered[i] if i in answered else refused[i] for i in range(len(requests))]
+        answered = dict(zip(prepared, self._run(list(prepared.values())), strict=True))
+        results: list[GuardedOutput | GuardrailError] = []
+        for i in range(len(requests)):
+            outcome = answered[i] if i in answered else refused[i]
+            if isinstance(outcome, BaseException) and not isinstance(outcome, GuardrailError):
+                raise outcome
+            results.append(outcome)
+        return results
 
-    def _generate(
-        self,
-        requests: Sequence[GuardRequest],
-        planned: Sequence[tuple[Rendering, RowPlan]],
-        started: float,
-        max_new_tokens: int,
-        generation: dict[str, Any],
-    ) -> list[GuardedOutput]:
-        if not requests:
-            return []
-        batch, prepared_ms = self._prepare(planned, started)
-        generation = {"do_sample": False, **generation, "max_new_tokens": max_new_tokens}
-        constraints = {i: r.constraint for i, r in enumerate(requests) if r.constraint is not None}
-        if constraints:
-            processors = list(generation.get("logits_processor") or [])
-            generation["logits_processor"] = [*processors, self.backend.constrained(constraints)]
-        output = self.backend.generate(
-            batch.inputs, batch.layer_plan, request_rows=batch.request_rows, **generation
-        )
-        decisions = self._decisions(requests, batch, prepared_ms)
-        outputs = answers(
-            batch.inputs, output, decisions, self.backend.stop_token_ids(), self.tokenizer
-        )
-        return [
-            with_tool_calls(out, request.tools) if request.tools else out
-            for out, request in zip(outputs, requests, strict=True)
-        ]
+    def _run(self, calls: Sequence[PreparedCall]) -> list[GuardedOutput | BaseException]:
+        answers = run_to_completion(self.backend.open_batch(), [c.backend_request for c in calls])
+        results: list[GuardedOutput | BaseException] = []
+        for call in calls:
+            answer = answers[call.backend_request.id]
+            output = self.conclude(call, answer, len(calls))
+            results.append(answer.error if answer.error is not None else output)
+        return results
 
     def next_token_logits(
-        self,
-        requests: Sequence[GuardRequest],
+        self, requests: Sequence[GuardRequest]
     ) -> tuple[torch.Tensor, list[GuardDecision]]:
         """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
-        started = time.perf_counter()
-        batch, prepared_ms = self._prepare([self.plan(r) for r in requests], started)
-        logits = self.backend.forward(batch.inputs, batch.layer_plan)
-        decisions = self._decisions(requests, batch, prepared_ms)
-        return logits[: batch.request_rows].float(), decisions
+        calls = [self.prepare(r) for r in requests]
+        logits, norms = self.backend.first_logits([c.backend_request for c in calls])
+        decisions = [
+            self.conclude(
+                c, Answer(live_shift_norm=norms.get(c.backend_request.id)), len(calls)
+            ).decision
+            for c in calls
+        ]
+        return logits, decisions
 
     def final_states(self, requests: Sequence[GuardRequest]) -> torch.Tensor:
         """Last decoder layer's output at the last prompt token, after any correction:
         ``[batch, hidden]`` float32 (the representation the paper's plots show)."""
-        batch, _ = self._prepare([self.plan(r) for r in requests], 0.0)
+        calls = [self.prepare(r) for r in requests]
         last = self.backend.num_layers - 1
         capture = CapturePlan([last])
-        self.backend.forward(batch.inputs, ChainedPlan(batch.layer_plan, capture), use_cache=False)
-        return capture.state(last)[: batch.request_rows, 0].cpu()
+        self.backend.first_logits([c.backend_request for c in calls], capture)
+        return capture.state(last)[: len(calls), 0].cpu()
 
     def record_refusal(self, error: GuardrailError, app: str | None = None) -> None:
         """Log a ``refused`` decision for a request rejected as bad input, and attach it to
@@ -367,28 +408,32 @@ class GuardedVLM:
             raise GuardUnavailableError(decision.reason, decision)
         return rendering, plan
 
-    def _prepare(
-        self, planned: Sequence[tuple[Rendering, RowPlan]], started: float
-    ) -> tuple[PreparedBatch, float]:
-        """One pass's batch, and the milliseconds since ``started`` (planning included)."""
-        renderings, plans = zip(*planned, strict=True)
-        batch = prepare_batch(self.backend, self.config, self.layers, renderings, plans)
-        return batch, (time.perf_counter() - started) * 1e3
 
-    def _decisions(
-        self, requests: Sequence[GuardRequest], batch: PreparedBatch, prepared_ms: float
-    ) -> list[GuardDecision]:
-        norms = batch.live_norms()
-        decisions = [
-            decision_record(
-                plan,
-                request,
-                self.config,
-                model_id=self.fingerprint.id,
-                outcome=Outcome(len(requests), prepared_ms, norms.get(i)),
-            )
-            for i, (plan, request) in enumerate(zip(batch.plans, requests, strict=True))
-        ]
-        for decision in decisions:
-            log_decision(decision)
-        return decisions
+@dataclass(frozen=True)
+class PreparedCall:
+    """A planned request, ready for a batch session: the request, its plan, the backend's form
+    of it, and how long preparing it took (ms)."""
+
+    request: GuardRequest
+    plan: RowPlan
+    backend_request: BackendRequest
+    prepared_ms: float
+
+
+_SAMPLING_ARGUMENTS = frozenset(
+    {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "min_new_tokens", "do_sample"}
+)
+
+
+def sampling_of(generation: dict[str, Any]) -> Sampling:
+    """:class:`Sampling` from ``generate``-style keyword arguments (or ``sampling=``)."""
+    if "sampling" in generation:
+        given: Sampling = generation["sampling"]
+        return given
+    unknown = set(generation) - _SAMPLING_ARGUMENTS
+    if unknown:
+        raise TypeError(f"unsupported generation argument(s) {sorted(unknown)}")
+    settings = {k: v for k, v in generation.items() if k != "do_sample"}
+    if not generation.get("do_sample", "temperature" in settings):
+        settings["temperature"] = 0.0
+    return Sampling(**settings)

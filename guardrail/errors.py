@@ -50,3 +50,11 @@ class GuardUnavailableError(GuardrailError, RuntimeError):
     def __init__(self, message: str, decision: GuardDecision | None = None) -> None:
         super().__init__(message)
         self.decision = decision
+
+
+class CallCancelledError(GuardrailError):
+    """The call was cancelled (its client went away, or it was stopped) before it finished."""
+
+
+class OverloadedError(GuardrailError, RuntimeError):
+    """An app has as many calls running as it may; retry later."""

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel
 
-from guardrail.backends import Inputs
+from guardrail.backends.sessions import Answer
 from guardrail.decision import GuardDecision
 from guardrail.tools import InvalidToolCall, Tool, ToolCall, parse_tool_calls
 
@@ -57,28 +56,23 @@ def with_tool_calls(output: GuardedOutput, tools: Sequence[Tool]) -> GuardedOutp
     )
 
 
-def answers(
-    inputs: Inputs,
-    output: torch.Tensor,
-    decisions: Sequence[GuardDecision],
-    stops: set[int],
+def output_of(
+    answer: Answer,
+    decision: GuardDecision,
     tokenizer: Any,
-) -> list[GuardedOutput]:
-    """One output per request row of a ``generate`` result (prompt plus new tokens), each cut
-    at its first stop token."""
-    prompt_length = inputs["input_ids"].shape[1]
-    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    results = []
-    for i, decision in enumerate(decisions):
-        tokens = output[i, prompt_length:].tolist()
-        end = next((j for j, t in enumerate(tokens) if t in stops), None)
-        tokens = tokens[:end]
-        usage = Usage(
-            prompt_tokens=prompt_tokens[i],
-            completion_tokens=len(tokens),
-            total_tokens=prompt_tokens[i] + len(tokens),
-        )
+    tools: Sequence[Tool] = (),
+    text: str | None = None,
+) -> GuardedOutput:
+    """The output of a finished request: its text (``text`` when a stop string cut it), token
+    counts and finish reason (with the tool calls parsed out when tools were offered)."""
+    tokens = answer.tokens
+    usage = Usage(
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=len(tokens),
+        total_tokens=answer.prompt_tokens + len(tokens),
+    )
+    if text is None:
         text = tokenizer.decode(tokens, skip_special_tokens=True)
-        reason: Literal["stop", "length"] = "stop" if end is not None else "length"
-        results.append(GuardedOutput(text, tokens, decision, usage, reason))
-    return results
+    reason: FinishReason = "length" if answer.finished == "length" else "stop"
+    output = GuardedOutput(text, tokens, decision, usage, reason)
+    return with_tool_calls(output, tools) if tools else output

@@ -100,12 +100,13 @@ def plan_row(
 
 @dataclass(frozen=True)
 class Outcome:
-    """What happened when the plan ran: batch size, preparation time, the live shift norm of a
-    sample-level row."""
+    """What happened when the plan ran: requests in its batch, preparation time, the live shift
+    norm of a sample-level row, and the id of the batch it ran in."""
 
     batch_rows: int = 1
     added_latency_ms: float = 0.0
     live_shift_norm: float | None = None
+    batch: str | None = None
 
 
 def decision_record(
@@ -137,6 +138,7 @@ def decision_record(
         stacking=config.stacking,
         fallbacks=fallbacks,
         batch_rows=outcome.batch_rows,
+        batch=outcome.batch,
         reason=plan.reason,
         added_latency_ms=round(outcome.added_latency_ms, 3) if plan.guarded else 0.0,
     )

@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from guardrail import (
     DecoderNotFoundError,
     GuardConfig,
+    GuardrailError,
     GuardedVLM,
     GuardRequest,
     GuardUnavailableError,
@@ -24,8 +25,8 @@ from guardrail import (
     ShiftMismatchError,
 )
 from guardrail.backends import TransformersBackend
-from guardrail.backends.hooks import EMBEDDINGS, CorrectionPlan, Lockstep, RowTrim
-from guardrail.batching import prefill_mask, stacked_shifts
+from guardrail.backends.hooks import CorrectionPlan, Lockstep, RowTrim
+from guardrail.backends.transformers_batch import prefill_mask, stacked_shifts
 from guardrail.images import corruption_image
 from guardrail.requests import render_request
 from guardrail.testing import synthetic_image
@@ -150,7 +151,7 @@ def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
     is_image = inputs["input_ids"] == image_token
     real = inputs["attention_mask"].bool()
     masks = {
-        p: prefill_mask(GuardConfig(positions=p), inputs, image_token)
+        p: prefill_mask(p, inputs, image_token)
         for p in ("all", "text", "last")
     }
     assert torch.equal(masks["all"], real)
@@ -159,20 +160,21 @@ def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
 
 
 def test_correction_plan_edits_prefill_mask_then_every_decode_token():
-    prompt = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # one layer, two rows
-    decode = torch.tensor([[[3.0, 4.0], [0.0, 0.0]]])
+    shifts = torch.tensor([[[1.0, 2.0], [0.0, 0.0]]])  # one layer, two rows
     mask = torch.tensor([[False, True, True], [True, True, True]])
-    plan = CorrectionPlan([5], prompt, decode, mask)
-    assert plan.on_output(4, torch.zeros(2, 3, 2)) is None  # layer not edited
-    prefill = plan.on_output(5, torch.zeros(2, 3, 2))
-    assert prefill[0].tolist() == [[0, 0], [-1, -2], [-1, -2]] and prefill[1].abs().sum() == 0
-    for _ in range(2):
-        step = plan.on_output(5, torch.zeros(2, 1, 2))
-        assert step[0, 0].tolist() == [-3, -4] and step[1].abs().sum() == 0
+    prefill = CorrectionPlan([5], shifts, mask)
+    assert prefill.on_output(4, torch.zeros(2, 3, 2)) is None  # layer not edited
+    edited = prefill.on_output(5, torch.zeros(2, 3, 2))
+    assert edited[0].tolist() == [[0, 0], [-1, -2], [-1, -2]] and edited[1].abs().sum() == 0
+    decode = CorrectionPlan([5], torch.tensor([[[3.0, 4.0], [0.0, 0.0]]]))  # no mask: a step
+    step = decode.on_output(5, torch.zeros(2, 1, 2))
+    assert step[0, 0].tolist() == [-3, -4] and step[1].abs().sum() == 0
+    with pytest.raises(GuardrailError, match="more than one new token"):
+        decode.on_output(5, torch.zeros(2, 3, 2))
 
 
-def test_lockstep_feeds_reference_rows_and_subtracts_their_live_difference():
-    """Row 0 is corrected by alpha * (row 1 - row 2); rows 1, 2 get row 0's token embedding."""
+def test_lockstep_subtracts_the_live_difference_of_the_reference_rows():
+    """Row 0 is corrected by alpha * (row 1 - row 2), incrementally over the edited layers."""
     zeros = torch.zeros(2, 3, 2)
     step = Lockstep(
         main=torch.tensor([0]),
@@ -180,9 +182,7 @@ def test_lockstep_feeds_reference_rows_and_subtracts_their_live_difference():
         text=torch.tensor([2]),
         alpha=torch.tensor([[0.5]]),
     )
-    plan = CorrectionPlan([0, 1], zeros, zeros, torch.ones(3, 2, dtype=torch.bool), step)
-    embeds = torch.arange(6.0).reshape(3, 1, 2)
-    assert plan.on_output(EMBEDDINGS, embeds) is None  # prefill: own prompts
+    plan = CorrectionPlan([0, 1], zeros, torch.ones(3, 2, dtype=torch.bool), step)
     hidden = torch.tensor([[[0.0, 0.0]], [[4.0, 2.0]], [[2.0, 2.0]]]).expand(3, 2, 2)
     out0 = plan.on_output(0, hidden.clone())
     assert out0[0, -1].tolist() == [-1.0, 0.0] and torch.equal(out0[1:], hidden[1:])
@@ -190,8 +190,6 @@ def test_lockstep_feeds_reference_rows_and_subtracts_their_live_difference():
     out1 = plan.on_output(1, later.clone())  # incremental: (8, 0) - (2, 0) = (6, 0), times 0.5
     assert out1[0, -1].tolist() == [-3.0, 0.0]
     assert plan.live_norms.tolist() == [8.0]
-    fed = plan.on_output(EMBEDDINGS, embeds)  # a decode step: references take row 0's token
-    assert fed[1].tolist() == fed[2].tolist() == embeds[0].tolist()
 
 
 def test_row_trim_cuts_batch_arguments_and_pads_the_head():

@@ -1,6 +1,33 @@
-"""Model runtimes the engine runs on: the :class:`Backend` protocol and its implementations."""
+"""Model runtimes the engine runs on: the request-level :class:`Backend` protocol, its
+engine-neutral request types, and the transformers implementation."""
 
-from guardrail.backends.base import Backend, Inputs, Processor
+from guardrail.backends.base import (
+    Backend,
+    BackendRequest,
+    BatchSession,
+    Correction,
+    CorrectionShape,
+    Inputs,
+    MeasuringBackend,
+    Processor,
+    Sampling,
+    StepEvent,
+)
+from guardrail.backends.sessions import Answer, run_to_completion
 from guardrail.backends.transformers import TransformersBackend
 
-__all__ = ["Backend", "Inputs", "Processor", "TransformersBackend"]
+__all__ = [
+    "Answer",
+    "Backend",
+    "BackendRequest",
+    "BatchSession",
+    "Correction",
+    "CorrectionShape",
+    "Inputs",
+    "MeasuringBackend",
+    "Processor",
+    "Sampling",
+    "StepEvent",
+    "TransformersBackend",
+    "run_to_completion",
+]

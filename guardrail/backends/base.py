@@ -1,54 +1,167 @@
-"""The backend protocol: what the engine needs from a model runtime."""
+"""The backend protocol: what the engine needs from a model runtime.
+
+Generation is request-level, written for a runtime that owns its scheduler and KV cache (as
+vLLM does): the engine hands a :class:`BatchSession` whole requests, each with an engine-neutral
+:class:`Correction` (from the pure planner) and :class:`Sampling` settings, and reads tokens per
+request, step by step. How the runtime lays rows out, caches keys and values, or applies the
+correction inside its layers is its own business.
+
+Measurement (calibration, plausibility, evaluation) is separate: :class:`MeasuringBackend` runs
+one forward pass with a :class:`~guardrail.backends.hooks.LayerPlan` and returns the states.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
-from torch import nn
 from transformers import PreTrainedTokenizerBase, ProcessorMixin
 
 from guardrail.backends.hooks import LayerPlan
+from guardrail.config import Positions, Stacking
 from guardrail.constraints import OutputConstraint
 from guardrail.families import ModelFamily
 from guardrail.requests import Rendering
-from shift_store import ModelFingerprint
+from shift_store import ModelFingerprint, ShiftVector
 
 Inputs = dict[str, torch.Tensor]
 # What loads with a model: a multimodal processor, or a bare tokenizer.
 Processor = ProcessorMixin | PreTrainedTokenizerBase
+Finish = Literal["stop", "length", "grammar", "aborted"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one request picks its tokens. ``temperature == 0`` is greedy; ``seed`` makes a
+    sampled request reproducible on its own, whatever it shares a batch with."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    min_new_tokens: int = 0  # stop tokens are not chosen before this many
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class CorrectionShape:
+    """What rows must agree on to share a batch: the edited layers, the edited positions, how
+    several layers stack, and whether reference rows stop after the deepest edited layer."""
+
+    layers: tuple[int, ...]
+    positions: Positions
+    stacking: Stacking
+    trim_references: bool = True
+
+
+@dataclass(frozen=True)
+class Correction:
+    """CMRM for one request, engine-neutral: subtract ``alpha·Δ`` at ``shape.layers``, with
+    ``Δ`` from ``shift`` (dataset level) or, when ``references`` is given, the live difference of
+    the request's two reference sequences (the corrupted prompt, then the text-only prompt), fed
+    the request's own tokens in lockstep (sample level)."""
+
+    shape: CorrectionShape
+    alpha: float
+    shift: ShiftVector | None = None
+    references: tuple[Rendering, Rendering] | None = None
+
+
+@dataclass(frozen=True)
+class BackendRequest:
+    """One request as the backend sees it; ``correction`` None runs it untouched."""
+
+    id: str
+    rendering: Rendering
+    sampling: Sampling
+    correction: Correction | None = None
+    constraint: OutputConstraint | None = None
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What one step did for one request: a new ``token`` (None when the step produced none),
+    ``finished`` once the request is done, the ``batch`` it ran in, the live ‖Δ‖ at the prompt
+    of a sample-level request (on its first event) and the ``error`` that ended it, if any."""
+
+    request_id: str
+    token: int | None
+    batch: str
+    finished: Finish | None = None
+    live_shift_norm: float | None = None
+    prompt_tokens: int | None = None  # on the first event: the request's prompt length
+    error: BaseException | None = None
+
+
+class BatchSession(Protocol):
+    """A running batch the engine feeds requests into and steps. One thread drives a session;
+    requests join it between steps when :meth:`admits` says so, and leave it when finished or
+    aborted."""
+
+    def admits(self, request: BackendRequest) -> bool:
+        """Whether ``request`` can join at the next step."""
+        ...
+
+    def add(self, requests: Sequence[BackendRequest]) -> None:
+        """Queue ``requests`` (each admitted) to join at the next step."""
+        ...
+
+    def step(self) -> list[StepEvent]:
+        """Run one step (a prefill of the joining requests, or one decode step of the running
+        ones) and report what it did per request."""
+        ...
+
+    def abort(self, request_id: str) -> None:
+        """Stop ``request_id`` now (client gone, deadline, stop string); no further events."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is queued or running."""
+        ...
 
 
 class Backend(Protocol):
-    """A loaded vision-language model that can run with a :class:`LayerPlan` applied.
-
-    The engine plans, the backend runs: it renders and encodes conversations, and runs forward
-    passes and generation with the plan's hooks on its decoder layers. ``TransformersBackend``
-    is the first implementation; another runtime implements these members.
-    """
+    """A loaded vision-language model the guard can run on."""
 
     family: ModelFamily
     fingerprint: ModelFingerprint
-    model: nn.Module
-    layers: nn.ModuleList
     num_layers: int
     hidden_size: int
     image_token_id: int
-    image_layers: tuple[int, ...]  # layers that run only with an image (cross-attention)
     placeholders: tuple[str, ...]  # image/video placeholder tokens, never allowed in user text
     tokenizer: PreTrainedTokenizerBase
     takes_tools: bool  # the chat template renders tools itself
+
+    def default_image_size(self) -> tuple[int, int]:
+        """(width, height) of the corruption image for a prompt without an image."""
+        ...
+
+    def open_batch(self) -> BatchSession:
+        """A new running batch on this model."""
+        ...
+
+    def stop_token_ids(self) -> set[int]:
+        """Token ids that end an answer (end of sequence and padding)."""
+        ...
+
+
+class MeasuringBackend(Backend, Protocol):
+    """A backend that also exposes hidden states, for calibration and evaluation."""
+
+    image_layers: tuple[int, ...]  # layers that run only with an image (cross-attention)
 
     @property
     def device(self) -> torch.device: ...
 
     @property
     def dtype(self) -> torch.dtype: ...
-
-    def default_image_size(self) -> tuple[int, int]:
-        """(width, height) of the corruption image for a prompt without an image."""
-        ...
 
     def encode(
         self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
@@ -63,18 +176,9 @@ class Backend(Protocol):
         """One forward pass with ``plan`` applied: last-position logits ``[batch, vocab]``."""
         ...
 
-    def generate(
-        self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int, **generation: Any
-    ) -> torch.Tensor:
-        """Generate with ``plan`` applied; rows past ``request_rows`` are reference rows that
-        never stop generation nor reach a streamer. Returns prompt plus new token ids."""
-        ...
-
-    def constrained(self, constraints: Mapping[int, OutputConstraint]) -> Any:
-        """A logits processor for :meth:`generate` that holds the batch rows named in
-        ``constraints`` to their constraint and leaves the other rows alone."""
-        ...
-
-    def stop_token_ids(self) -> set[int]:
-        """Token ids that end an answer (end of sequence and padding)."""
+    def first_logits(
+        self, requests: Sequence[BackendRequest], extra: LayerPlan | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The guarded logits of each request's first answer token, as its prefill computes
+        them (``extra`` sees the pass too), and the live ‖Δ‖ of sample-level requests."""
         ...

@@ -1,14 +1,12 @@
-"""Constrained decoding with xgrammar: one grammar matcher per constrained request row."""
+"""Constrained decoding with xgrammar: one grammar matcher per constrained request."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import xgrammar as xgr
-from transformers import LogitsProcessor
 
 from guardrail.constraints import JsonForm, OutputConstraint
 
@@ -31,12 +29,9 @@ class GrammarCompiler:
                 self._compiled[constraint] = self._compiler.compile_grammar(_grammar(constraint))
             return self._compiled[constraint]
 
-    def processor(self, constraints: Mapping[int, OutputConstraint]) -> RowGrammars:
-        """A logits processor constraining the batch rows named in ``constraints`` only."""
-        return RowGrammars(
-            {row: self.compile(constraint) for row, constraint in constraints.items()},
-            self.vocab_size,
-        )
+    def matcher(self, constraint: OutputConstraint) -> RequestGrammar:
+        """A fresh matcher for one request held to ``constraint``."""
+        return RequestGrammar(self.compile(constraint), self.vocab_size)
 
 
 def _grammar(constraint: OutputConstraint) -> xgr.Grammar:
@@ -60,35 +55,23 @@ def _literal(text: str) -> xgr.Grammar:
     return xgr.Grammar.from_ebnf(f'root ::= "{escaped}"')
 
 
-class RowGrammars(LogitsProcessor):
-    """Masks the logits of some batch rows to what their grammar allows next; other rows
-    (unconstrained requests, and CMRM's reference rows, which are fed their request's tokens)
-    are left alone. Single use: one per ``generate`` call."""
+class RequestGrammar:
+    """Holds one request's answer to its grammar, token by token."""
 
-    def __init__(self, compiled: Mapping[int, xgr.CompiledGrammar], vocab_size: int) -> None:
-        self.matchers = {row: xgr.GrammarMatcher(grammar) for row, grammar in compiled.items()}
+    def __init__(self, compiled: xgr.CompiledGrammar, vocab_size: int) -> None:
+        self._matcher = xgr.GrammarMatcher(compiled)
+        self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
         self.vocab_size = vocab_size
-        self._bitmask: torch.Tensor | None = None
-        self._started = False
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._bitmask is None:
-            self._bitmask = xgr.allocate_token_bitmask(input_ids.shape[0], self.vocab_size)
-        if self._started:
-            for row, matcher in list(self.matchers.items()):
-                accepted = matcher.accept_token(int(input_ids[row, -1]))
-                if not accepted or matcher.is_terminated():
-                    del self.matchers[row]  # finished: the row stopped or now only pads
-        self._started = True
-        if not self.matchers:
-            return scores
-        xgr.reset_token_bitmask(self._bitmask)
-        for row, matcher in self.matchers.items():
-            matcher.fill_next_token_bitmask(self._bitmask, row)
+    def mask(self, scores: torch.Tensor) -> None:
+        """Set the scores (``[vocab]``) of tokens the grammar forbids next to -inf, in place."""
+        self._matcher.fill_next_token_bitmask(self._bitmask, 0)
         xgr.apply_token_bitmask_inplace(
-            scores,
+            scores.unsqueeze(0),
             self._bitmask.to(scores.device),
             vocab_size=min(self.vocab_size, scores.shape[-1]),
-            indices=sorted(self.matchers),
         )
-        return scores
+
+    def accept(self, token: int) -> bool:
+        """Advance past ``token``; False when the grammar is complete (or refuses it)."""
+        return bool(self._matcher.accept_token(token)) and not self._matcher.is_terminated()

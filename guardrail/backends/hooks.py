@@ -26,7 +26,7 @@ from guardrail.families.family import TRIM_ARGUMENTS
 class LayerPlan(Protocol):
     """What to do with each decoder layer's output during one forward or ``generate`` call.
 
-    ``hooked`` names the layers (and :data:`EMBEDDINGS`) the plan needs to see; only those get a
+    ``hooked`` names the layers the plan needs to see; only those get a
     hook, so layers a plan does not touch cost nothing per step.
     """
 
@@ -44,7 +44,9 @@ class LayerPlan(Protocol):
 _ACTIVE: ContextVar[tuple[int, LayerPlan] | None] = ContextVar("cmrm_plan", default=None)
 _log = logging.getLogger(__name__)
 _UNTRIMMED_LAYERS: set[str] = set()  # layer classes already warned about
-EMBEDDINGS = -1  # the layer index plans see for the input embedding module's output
+
+
+TrimState = Literal["pending", "on", "off"]
 
 
 class RowTrim:
@@ -59,11 +61,16 @@ class RowTrim:
     """
 
     def __init__(
-        self, after: int, keep: int, total: int, arguments: Sequence[str] = TRIM_ARGUMENTS
+        self,
+        after: int,
+        keep: int,
+        total: int,
+        arguments: Sequence[str] = TRIM_ARGUMENTS,
+        state: TrimState = "pending",
     ) -> None:
         self.after, self.keep, self.total = after, keep, total
         self.arguments = frozenset(arguments)  # the layer arguments known to be per row
-        self.state: Literal["pending", "on", "off"] = "pending"
+        self.state: TrimState = state  # decided at the first trimmed layer of a model's prefill
         self.reason = ""
 
     def layer_inputs(
@@ -119,17 +126,13 @@ _HookKey = tuple[str, int]  # ("out" | "pre", layer index) or ("head", 0)
 
 
 class DecoderHooks:
-    """Installs dispatching hooks on decoder layers, the input embeddings and the LM head while
-    plans that need them are active; each hook is reference-counted across concurrent calls."""
+    """Installs dispatching hooks on decoder layers and the LM head while plans that need them
+    are active; each hook is reference-counted across concurrent calls."""
 
     def __init__(
-        self,
-        layers: Sequence[nn.Module] | nn.ModuleList,
-        embeddings: nn.Module,
-        head: nn.Module | None = None,
+        self, layers: Sequence[nn.Module] | nn.ModuleList, head: nn.Module | None = None
     ) -> None:
         self._modules = dict(enumerate(layers))
-        self._modules[EMBEDDINGS] = embeddings
         self._num_layers = len(layers)
         self._head = head
         self._lock = threading.Lock()
@@ -262,8 +265,8 @@ class Lockstep:
 
     Row ``main[j]`` is corrected with the live difference of its reference rows ``corrupted[j]``
     (the prompt with the meaningless image) and ``text[j]`` (the prompt without image), scaled by
-    ``alpha[j]``. At every decode step the reference rows are fed the main row's new token, so the
-    shift is measured at each generated position, not extrapolated from the prompt.
+    ``alpha[j]``. The runner feeds the reference rows the main row's new token at every decode
+    step, so the shift is measured at each generated position, not extrapolated from the prompt.
     """
 
     main: torch.Tensor  # [J] long
@@ -273,11 +276,11 @@ class Lockstep:
 
 
 class CorrectionPlan:
-    """Subtracts a per-row shift at chosen layers: ``h ← h − shift[row]``.
+    """Subtracts a per-row shift at chosen layers, for one forward pass: ``h ← h − shift[row]``.
 
-    ``prompt_shifts[k]`` and ``decode_shifts[k]`` (``[batch, hidden]``, already scaled by each
-    row's α, zero for unguarded rows) apply at ``layers[k]``: the first in the prefill pass at the
-    positions of ``prefill_mask`` (``[batch, seq]``), the second at every decode step. With
+    ``shifts[k]`` (``[batch, hidden]``, already scaled by each row's α, zero for rows without a
+    stored shift) applies at ``layers[k]``: at the positions of ``prefill_mask`` (``[batch, seq]``)
+    in a prefill pass, or at the one new position of a decode step (``prefill_mask`` None). With
     ``lockstep``, live sample-level shifts are added for its rows. With ``incremental``, a layer's
     live shift is its difference to the previous edited layer's. With ``trim``, the reference rows
     stop after the deepest edited layer.
@@ -286,64 +289,47 @@ class CorrectionPlan:
     def __init__(
         self,
         layers: Sequence[int],
-        prompt_shifts: torch.Tensor,
-        decode_shifts: torch.Tensor,
-        prefill_mask: torch.Tensor,
+        shifts: torch.Tensor,
+        prefill_mask: torch.Tensor | None = None,
         lockstep: Lockstep | None = None,
         incremental: bool = True,
         trim: RowTrim | None = None,
     ) -> None:
         self._slot = {layer: k for k, layer in enumerate(layers)}
         self.trim = trim
-        self.hooked = frozenset(self._slot) | ({EMBEDDINGS} if lockstep else frozenset())
-        self._prompt = prompt_shifts.unsqueeze(2)  # [K, batch, 1, hidden]
-        self._decode = decode_shifts.unsqueeze(2)
-        self._mask = prefill_mask.to(prompt_shifts.dtype).unsqueeze(-1)  # [batch, seq, 1]
+        self.hooked = frozenset(self._slot)
+        self._shifts = shifts.unsqueeze(2)  # [K, batch, 1, hidden]
+        self._mask = (
+            None if prefill_mask is None else prefill_mask.to(shifts.dtype).unsqueeze(-1)
+        )  # [batch, seq, 1]
         self._lockstep = lockstep
         self._incremental = incremental
-        self._passes = [0] * len(layers)
-        self._embedding_passes = 0
         self._previous_live: torch.Tensor | None = None
         self.live_norms: torch.Tensor | None = None  # ‖Δ‖ of lockstep rows at the prompt
 
     def on_output(
         self, layer: int, hidden: torch.Tensor, layer_input: torch.Tensor | None = None
     ) -> torch.Tensor | None:
-        if layer == EMBEDDINGS:
-            return self._feed_references(hidden)
         k = self._slot.get(layer)
         if k is None:
             return None
-        prefill = self._passes[k] == 0
-        self._passes[k] += 1
-        if prefill and hidden.shape[1] != self._mask.shape[1]:
+        if self._mask is not None and hidden.shape[1] != self._mask.shape[1]:
             raise GuardrailError(
                 f"prefill length {hidden.shape[1]} does not match the prompt "
-                f"({self._mask.shape[1]} tokens); generate must run with the KV cache on"
+                f"({self._mask.shape[1]} tokens)"
             )
-        if not prefill and hidden.shape[1] != 1:
+        if self._mask is None and hidden.shape[1] != 1:
             raise GuardrailError("decode step with more than one new token is not supported")
-        shift = (self._prompt if prefill else self._decode)[k]
+        shift = self._shifts[k]
         if self._lockstep is not None:
-            shift = self._with_live_shift(shift, hidden, k, prefill)
-        return hidden - self._mask * shift if prefill else hidden - shift
+            shift = self._with_live_shift(shift, hidden, k)
+        return hidden - shift if self._mask is None else hidden - self._mask * shift
 
-    def _feed_references(self, embeds: torch.Tensor) -> torch.Tensor | None:
-        self._embedding_passes += 1
-        if self._lockstep is None or self._embedding_passes == 1:
-            return None  # prefill: reference rows have their own prompts
-        step, fed = self._lockstep, embeds.clone()
-        fed[step.corrupted] = embeds[step.main]
-        fed[step.text] = embeds[step.main]
-        return fed
-
-    def _with_live_shift(
-        self, shift: torch.Tensor, hidden: torch.Tensor, k: int, prefill: bool
-    ) -> torch.Tensor:
+    def _with_live_shift(self, shift: torch.Tensor, hidden: torch.Tensor, k: int) -> torch.Tensor:
         step = self._lockstep
         assert step is not None
         live = hidden[step.corrupted, -1] - hidden[step.text, -1]  # [J, hidden]
-        if prefill and k == len(self._passes) - 1:
+        if self._mask is not None and k == len(self._slot) - 1:
             self.live_norms = live.float().norm(dim=-1)
         increment = live
         if self._incremental and k > 0 and self._previous_live is not None:

@@ -2,28 +2,26 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    LogitsProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteriaList,
 )
 
-from guardrail.backends.base import Inputs, Processor
+from guardrail.backends.base import BackendRequest, Inputs, Processor
 from guardrail.backends.fingerprint import fingerprint_model
 from guardrail.backends.grammar import GrammarCompiler
-from guardrail.backends.hooks import DecoderHooks, LayerPlan
+from guardrail.backends.hooks import DecoderHooks, LayerPlan, TrimState
 from guardrail.backends.processors import load_processor
-from guardrail.backends.streaming import FirstRowStreamer, ReferenceRowsDone
-from guardrail.constraints import OutputConstraint
+from guardrail.backends.transformers_batch import TransformersBatch
 from guardrail.families import ModelFamily, family_for, family_named
 from guardrail.requests import Rendering
 from guardrail.tools import prompt_messages, takes_tools
@@ -63,9 +61,9 @@ class TransformersBackend:
                 self.family.name,
             )
         self._grammars: GrammarCompiler | None = None
-        self.hooks = DecoderHooks(
-            self.layers, model.get_input_embeddings(), model.get_output_embeddings()
-        )
+        self.hooks = DecoderHooks(self.layers, model.get_output_embeddings())
+        self.forward_arguments = frozenset(inspect.signature(model.forward).parameters)
+        self.trim_state: TrimState = "pending"  # whether reference rows can skip late layers
 
     @classmethod
     def from_pretrained(
@@ -144,44 +142,46 @@ class TransformersBackend:
         )
         return str(text)
 
-    def constrained(self, constraints: Mapping[int, OutputConstraint]) -> LogitsProcessor:
-        """A logits processor holding the batch rows in ``constraints`` to their constraint."""
+    def grammars(self) -> GrammarCompiler:
+        """The compiler of this model's answer constraints (built on first use)."""
         if self._grammars is None:
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
             self._grammars = GrammarCompiler(self.tokenizer, vocab, self.stop_token_ids())
-        return self._grammars.processor(constraints)
+        return self._grammars
+
+    def open_batch(self) -> TransformersBatch:
+        """A new running batch on this model (continuous batching; see
+        :mod:`guardrail.backends.transformers_batch`)."""
+        return TransformersBatch(self)
+
+    def first_logits(
+        self, requests: Sequence[BackendRequest], extra: LayerPlan | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        return TransformersBatch(self).first_logits(requests, extra)
 
     @torch.no_grad()
     def forward(
         self, inputs: Inputs, plan: LayerPlan | None, *, use_cache: bool = True
     ) -> torch.Tensor:
-        with self._applied(plan):
+        with self.applied(plan):
             output = self.model(**inputs, use_cache=use_cache, logits_to_keep=1)
         logits: torch.Tensor = output.logits[:, -1]
         return logits
-
-    @torch.no_grad()
-    def generate(
-        self, inputs: Inputs, plan: LayerPlan | None, *, request_rows: int, **generation: Any
-    ) -> torch.Tensor:
-        generation.setdefault("pad_token_id", self.tokenizer.pad_token_id)
-        if inputs["input_ids"].shape[0] > request_rows:
-            criteria = StoppingCriteriaList(generation.pop("stopping_criteria", None) or [])
-            criteria.append(ReferenceRowsDone(request_rows))
-            generation["stopping_criteria"] = criteria
-            if generation.get("streamer") is not None:
-                generation["streamer"] = FirstRowStreamer(generation["streamer"])
-        with self._applied(plan):
-            output: torch.Tensor = self.model.generate(**inputs, **generation, use_cache=True)
-        return output
 
     def stop_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
         return {int(t) for t in stops if t is not None}
 
-    def _applied(self, plan: LayerPlan | None) -> AbstractContextManager[None]:
-        return nullcontext() if plan is None else self.hooks.activate(plan)
+    def applied(self, plan: LayerPlan | None) -> AbstractContextManager[None]:
+        """Run the body with ``plan`` on this thread's forward passes (no-grad)."""
+        return _no_grad_with(nullcontext() if plan is None else self.hooks.activate(plan))
+
+
+@contextmanager
+def _no_grad_with(inner: AbstractContextManager[None]) -> Iterator[None]:
+    with torch.no_grad(), inner:
+        yield
 
 
 def _resolve(family: ModelFamily | str | None, config: Any) -> ModelFamily:
