@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,3 +83,16 @@ class GuardConfig(BaseModel):
         if len(indices) != len(set(self.layers)) or not indices:
             raise InvalidInputError(f"layers {list(self.layers)} out of range for {n} layers")
         return tuple(indices)
+
+
+def fold_guard_fields(values: Any, into: str = "guard") -> Any:
+    """Keyword arguments with :class:`GuardConfig` fields given flat (``alpha=0.8``) moved into
+    the nested ``into`` config, so that every guard setting reaches a front end by one name."""
+    if not isinstance(values, dict):
+        return values
+    flat = {k: values.pop(k) for k in list(values) if k in GuardConfig.model_fields}
+    if flat:
+        guard = values.get(into) or GuardConfig()
+        base = guard.model_dump() if isinstance(guard, GuardConfig) else dict(guard)
+        values[into] = GuardConfig.model_validate({**base, **flat})
+    return values

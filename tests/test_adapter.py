@@ -107,7 +107,7 @@ def image_server():
 @pytest.fixture(scope="module")
 def tiny_chat(tiny_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("store")
-    return ChatGuardedVLM(
+    return ChatGuardedVLM.from_model_id(
         model=str(tiny_path),
         app="tiny-app",
         store=f"file://{store}",
@@ -263,7 +263,7 @@ def test_bad_base64_and_unsupported_blocks(tiny_chat):
 
 
 def test_trust_policies_choose_the_shift_level(tiny_path, tmp_path, image_server):
-    chat = ChatGuardedVLM(
+    chat = ChatGuardedVLM.from_model_id(
         model=str(tiny_path),
         app="trust",
         store=f"file://{tmp_path}",
@@ -290,7 +290,7 @@ def test_trust_policies_choose_the_shift_level(tiny_path, tmp_path, image_server
 
 
 def test_anchor_distance_policy_and_custom_policy(tiny_path, tmp_path):
-    chat = ChatGuardedVLM(
+    chat = ChatGuardedVLM.from_model_id(
         model=str(tiny_path),
         app="anchor",
         store=f"file://{tmp_path}",
@@ -306,7 +306,7 @@ def test_anchor_distance_policy_and_custom_policy(tiny_path, tmp_path):
         def classify(self, call: TrustInput, anchor) -> Verdict:
             return Verdict(False, f"custom: {len(call.image_sources)} image(s) at night")
 
-    custom = ChatGuardedVLM(
+    custom = ChatGuardedVLM.from_model_id(
         model=str(tiny_path),
         app="anchor",
         store=f"file://{tmp_path}",
@@ -342,13 +342,12 @@ class _Recorder(BaseCallbackHandler):
 
 
 def test_smollm_invoke_stream_batch_with_redis(smollm_path, namespace, caplog):
-    chat = ChatGuardedVLM(
+    chat = ChatGuardedVLM.from_model_id(
         model=str(smollm_path),
         app="support-bot",
         alpha=0.8,
         store=f"{SHARED_REDIS}?namespace={namespace}",
         max_tokens=12,
-        batch_window_ms=200,
         anchor_name="first-8",
         anchors=anchor_prompts()[:8],
     )
@@ -404,10 +403,10 @@ def test_smollm_invoke_stream_batch_with_redis(smollm_path, namespace, caplog):
 
 
 def test_two_apps_share_one_model_with_their_own_alpha(tiny_path, tmp_path):
-    a = ChatGuardedVLM(
+    a = ChatGuardedVLM.from_model_id(
         model=str(tiny_path), app="app-a", alpha=0.0, store=f"file://{tmp_path}", max_tokens=6
     )
-    b = ChatGuardedVLM(
+    b = ChatGuardedVLM.from_model_id(
         model=str(tiny_path), app="app-b", alpha=4.0, store=f"file://{tmp_path}", max_tokens=6
     )
     assert a.guarded_model.model is b.guarded_model.model  # loaded once
@@ -459,13 +458,13 @@ async def test_async_calls_do_not_block_the_event_loop(tiny_chat):
 def test_store_outage_fails_closed_or_answers_unguarded_by_choice(tiny_path, own_redis):
     url = f"{own_redis.url}?retries=0"
     own_redis.kill()
-    strict = ChatGuardedVLM(
+    strict = ChatGuardedVLM.from_model_id(
         model=str(tiny_path), app="strict", mode="dataset", store=url, max_tokens=3
     )
     with pytest.raises(GuardUnavailableError) as info:
         strict.invoke([openai_image()])
     assert any("unreachable" in f for f in info.value.decision.fallbacks)
-    lenient = ChatGuardedVLM(
+    lenient = ChatGuardedVLM.from_model_id(
         model=str(tiny_path),
         app="lenient",
         mode="dataset",
@@ -476,7 +475,7 @@ def test_store_outage_fails_closed_or_answers_unguarded_by_choice(tiny_path, own
     safety = lenient.invoke([openai_image()]).response_metadata["safety"]
     assert safety["mode_used"] == "unguarded" and not safety["guarded"]
     assert "answered unguarded by configuration" in safety["reason"]
-    auto = ChatGuardedVLM(model=str(tiny_path), app="auto", store=url, max_tokens=3)
+    auto = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="auto", store=url, max_tokens=3)
     safety = auto.invoke([openai_image()]).response_metadata["safety"]
     assert safety["mode_used"] == "sample" and safety["guarded"]
 
@@ -544,7 +543,7 @@ def test_a_bad_image_in_a_coalesced_batch_gets_one_record_and_the_others_answer(
 
 
 def test_inline_images_have_the_same_byte_cap_as_remote_ones(tiny_path, tmp_path):
-    chat = ChatGuardedVLM(
+    chat = ChatGuardedVLM.from_model_id(
         model=str(tiny_path),
         app="cap",
         store=f"file://{tmp_path}",
@@ -629,10 +628,10 @@ def test_an_unguarded_answer_is_never_cached_for_a_fail_closed_instance(
     url = f"{own_redis.url}?retries=0"
     own_redis.kill()
     common = dict(model=str(tiny_path), app="cache", mode="dataset", store=url, max_tokens=3)
-    lenient = ChatGuardedVLM(**common, on_unavailable="unguarded")
+    lenient = ChatGuardedVLM.from_model_id(**common, on_unavailable="unguarded")
     assert lenient.invoke([openai_image()]).response_metadata["safety"]["mode_used"] == "unguarded"
     assert llm_cache._cache == {}  # not written
-    strict = ChatGuardedVLM(**common)
+    strict = ChatGuardedVLM.from_model_id(**common)
     with pytest.raises(GuardUnavailableError):
         strict.invoke([openai_image()])
 
@@ -641,9 +640,9 @@ def test_the_cache_key_covers_the_guard_and_a_hit_is_a_new_logged_decision(
     tiny_path, tmp_path, llm_cache, caplog
 ):
     store = f"file://{tmp_path}"
-    one = ChatGuardedVLM(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(1,))
-    two = ChatGuardedVLM(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(2,))
-    three = ChatGuardedVLM(model=str(tiny_path), app="c", store=store, max_tokens=4, layers=(1,))
+    one = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(1,))
+    two = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(2,))
+    three = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="c", store=store, max_tokens=4, layers=(1,))
     first = one.invoke([openai_image()]).response_metadata["safety"]
     assert two.invoke([openai_image()]).response_metadata["safety"]["layers"] == [2]
     three.invoke([openai_image()])
@@ -676,7 +675,7 @@ def test_streaming_inside_a_run_sends_the_decision_event(tiny_chat):
 
 
 def test_closing_a_stream_stops_generation(tiny_path, tmp_path):
-    chat = ChatGuardedVLM(
+    chat = ChatGuardedVLM.from_model_id(
         model=str(tiny_path), app="close", store=f"file://{tmp_path}", max_tokens=200
     )
     passes: list[int] = []

@@ -261,9 +261,9 @@ def test_fail_closed_is_503_with_its_decision(tiny_path):
 
 
 def test_a_client_that_disconnects_mid_stream_stops_its_generation(served):
-    from guardrail.registry import shared_model
+    from guardrail.registry import shared_service
 
-    chat_model = shared_model(served.settings.model, None, None, None)
+    chat_model = shared_service(served.settings.model, None, None, None).model
     passes: list[int] = []
     handle = chat_model.model.get_input_embeddings().register_forward_hook(
         lambda *args: passes.append(1)

@@ -27,7 +27,7 @@ def ray_served(tiny_path, tmp_path_factory):
         apps=(AppSettings(name="fleet", key_sha256=hash_key("k"), max_concurrent=32),),
     )
     # calibrate first (as a deployment would), so that every replica finds the shift stored
-    ChatGuardedVLM(model=settings.model, store=settings.store, app="fleet")
+    ChatGuardedVLM.from_model_id(model=settings.model, store=settings.store, app="fleet")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

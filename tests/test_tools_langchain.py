@@ -37,7 +37,7 @@ def ping() -> str:
 @pytest.fixture(scope="module")
 def chat(tiny_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("tools")
-    return ChatGuardedVLM(
+    return ChatGuardedVLM.from_model_id(
         model=str(tiny_path), app="tools", store=f"file://{store}", max_tokens=120
     )
 
@@ -45,7 +45,7 @@ def chat(tiny_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def smollm_chat(smollm_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("tools-smollm")
-    return ChatGuardedVLM(
+    return ChatGuardedVLM.from_model_id(
         model=str(smollm_path), app="tools", store=f"file://{store}", max_tokens=48
     )
 

@@ -1,9 +1,10 @@
 """The OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/models``, ``/healthz``,
 ``/metrics``.
 
-Each app of the settings gets its own :class:`~adapters.langchain.ChatGuardedVLM` (its α, mode,
-trust policy and store namespace) over one shared loaded model; concurrent requests are batched
-by the chat model's coalescer. Status codes: 401 (missing or wrong key), 404 (another model),
+Each app of the settings is an app of one :class:`~guardrail.service.GuardService` (its guard
+config, trust policy and store namespace) over one loaded model; the service batches every app's
+requests together. Requests go from OpenAI JSON to guard calls directly (no LangChain).
+Status codes: 401 (missing or wrong key), 404 (another model),
 413 (request too large), 429 with ``Retry-After`` (too many concurrent requests for the app),
 400 (bad input, with the typed error's message), 503 (guard unavailable and failing closed).
 Every answer carries its decision record as the extra field ``safety`` (and the header
@@ -22,21 +23,29 @@ from typing import Any
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from langchain_core.messages import AIMessageChunk
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from adapters.remote_images import RemoteImageFetcher
 from adapters.server.metrics import ServerMetrics
 from adapters.server.protocol import (
     ChatCompletionRequest,
     chunk,
-    chunk_delta,
     completion,
     error_body,
+    final_delta,
+    usage,
 )
-from adapters.server.runners import Call, LocalRunner, Runner
+from adapters.server.runners import LocalRunner, Runner
 from adapters.server.settings import AppSettings, ServerSettings
-from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidInputError
+from guardrail import GuardedOutput
+from guardrail.errors import (
+    GuardrailError,
+    GuardUnavailableError,
+    InvalidInputError,
+    OverloadedError,
+)
+from guardrail.service import Call
 
 CALL_ID_HEADER = "x-guardrail-call-id"
 
@@ -75,6 +84,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
     (the server answers once it is loaded); with one (Ray Serve replicas), calls go to it."""
     metrics = ServerMetrics()
     slots = _Slots()
+    fetcher = RemoteImageFetcher()
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
@@ -100,13 +110,8 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
     def refused(app: str, error: GuardrailError) -> JSONResponse:
         decision = error.decision.model_dump(mode="json") if error.decision else None
         metrics.refusal(app, type(error).__name__)
-        status = (
-            503
-            if isinstance(error, GuardUnavailableError)
-            else 400
-            if isinstance(error, InvalidInputError)
-            else 500
-        )
+        statuses = {GuardUnavailableError: 503, InvalidInputError: 400, OverloadedError: 429}
+        status = next((v for k, v in statuses.items() if isinstance(error, k)), 500)
         headers = {CALL_ID_HEADER: decision["call_id"]} if decision else {}
         body = error_body(f"{type(error).__name__}: {error}", "guardrail_error", safety=decision)
         return respond(app, status, body, **headers)
@@ -162,29 +167,24 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             return respond(name, 429, body, **{"Retry-After": "1"})
         handed_over = False
         try:
-            model_call = Call(
-                name,
-                call.langchain_messages(),
-                call.stops,
-                call.call_arguments(tokens, app.max_request_s),
+            model_call = await anyio.to_thread.run_sync(
+                call.guard_call, name, tokens, app.max_request_s, fetcher
             )
             if call.stream:
                 response = await _stream(app, model_call, call, arrived)
                 handed_over = True  # the stream gives the slot back when it ends
                 return response
             with anyio.fail_after(app.max_request_s):
-                message = await running().invoke(model_call)
-            safety = message.response_metadata["safety"]
-            queued = message.response_metadata.pop("queue_seconds", None)
-            if queued is not None:
-                metrics.queue.labels(name).observe(queued)
+                output = await running().invoke(model_call)
+            safety = output.decision.model_dump(mode="json")
             metrics.decision(name, safety)
-            usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0}
-            metrics.usage(name, usage["input_tokens"], usage["output_tokens"])
+            metrics.usage(name, output.usage.prompt_tokens, output.usage.completion_tokens)
             metrics.latency.labels(name).observe(time.perf_counter() - arrived)
-            body = completion(message, settings.model)
+            body = completion(output, settings.model)
             return respond(name, 200, body, **{CALL_ID_HEADER: safety["call_id"]})
         except GuardrailError as e:
+            if e.decision is None:  # refused while reading the body (a bad image URL...)
+                e.decision = _refusal_record(e, app, settings.model)
             return refused(name, e)
         except TimeoutError:
             body = error_body(f"no answer within {app.max_request_s} s", "timeout")
@@ -200,7 +200,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         name = app.name
         pieces = running().stream(model_call)
         try:
-            first: AIMessageChunk | None = await anext(pieces)
+            first: str | GuardedOutput | None = await anext(pieces)
         except StopAsyncIteration:
             first = None
         except BaseException:
@@ -213,25 +213,22 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             piece, opened = first, False
             try:
                 while piece is not None:
-                    delta = chunk_delta(piece)
-                    if not opened:
-                        delta, opened = {"role": "assistant", **delta}, True
-                    safety = piece.response_metadata.get("safety")
-                    if safety is not None:
-                        finish = piece.response_metadata.get("finish_reason", "stop")
+                    if isinstance(piece, GuardedOutput):
+                        delta = final_delta(piece)
+                        delta = delta if opened else {"role": "assistant", **delta}
+                        safety = piece.decision.model_dump(mode="json")
                         metrics.decision(name, safety)
+                        finish = piece.finish_reason
                         yield _sse(chunk(stream_id, settings.model, delta, finish, safety=safety))
-                        usage = piece.usage_metadata
-                        if usage:
-                            metrics.usage(name, usage["input_tokens"], usage["output_tokens"])
-                        if include_usage and usage:
-                            totals = {
-                                "prompt_tokens": usage["input_tokens"],
-                                "completion_tokens": usage["output_tokens"],
-                                "total_tokens": usage["total_tokens"],
-                            }
-                            yield _sse(chunk(stream_id, settings.model, {}, usage=totals))
-                    elif delta:
+                        metrics.usage(
+                            name, piece.usage.prompt_tokens, piece.usage.completion_tokens
+                        )
+                        if include_usage:
+                            yield _sse(chunk(stream_id, settings.model, {}, usage=usage(piece)))
+                    elif piece:
+                        delta = {"content": piece}
+                        if not opened:
+                            delta, opened = {"role": "assistant", **delta}, True
                         yield _sse(chunk(stream_id, settings.model, delta))
                     piece = await anext(pieces, None)
                 yield "data: [DONE]\n\n"
@@ -245,6 +242,16 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         return _DeadlineStream(events(), app.max_request_s)
 
     return api
+
+
+def _refusal_record(error: GuardrailError, app: AppSettings, model: str) -> Any:
+    """The decision record of a call refused before it reached the guard service."""
+    from guardrail.decision import log_decision
+    from guardrail.planning import refusal_record
+
+    decision = refusal_record(error, app.guard, app.guard.layers or (), model, app.name)
+    log_decision(decision)
+    return decision
 
 
 def _sse(data: dict[str, Any]) -> str:

@@ -6,10 +6,19 @@ import json
 import time
 from typing import Any, Literal
 
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, convert_to_messages
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from adapters.conversation import (
+    Conversation,
+    UnsupportedContentError,
+    answer_constraint,
+    image_from_url,
+    tool_choice_value,
+)
+from guardrail import GuardedOutput, GuardRequest
+from guardrail.backends import Sampling
 from guardrail.errors import InvalidInputError
+from guardrail.service import Call
 
 
 class ChatCompletionRequest(BaseModel):
@@ -41,23 +50,30 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stop
 
-    def langchain_messages(self) -> list[BaseMessage]:
-        try:
-            return convert_to_messages(self.messages)
-        except (ValueError, TypeError, KeyError, NotImplementedError) as e:
-            raise InvalidInputError(f"messages: {e}") from e
-
-    def call_arguments(self, max_tokens: int, max_time: float) -> dict[str, Any]:
-        """Keyword arguments for the chat model's call (``max_tokens`` already checked;
-        generation stops after ``max_time`` seconds)."""
-        arguments: dict[str, Any] = {"max_tokens": max_tokens, "max_time": max_time}
-        for name in ("temperature", "top_p", "seed", "tools", "tool_choice", "response_format"):
-            value = getattr(self, name)
-            if value is not None:
-                arguments[name] = value
-        if self.tool_choice is not None and not self.tools:
+    def guard_call(self, app: str, max_tokens: int, deadline_s: float, fetcher: Any) -> Call:
+        """The guard service's call for this body (``max_tokens`` already checked; the answer
+        ends after ``deadline_s`` seconds)."""
+        tools = [dict(t) for t in self.tools or []]
+        if self.tool_choice is not None and not tools:
             raise InvalidInputError("tool_choice needs tools")
-        return arguments
+        choice = tool_choice_value(self.tool_choice, tools)
+        constraint = answer_constraint(tools, choice, self.response_format)
+        conversation = openai_conversation(self.messages, fetcher)
+        request = GuardRequest(
+            conversation.messages,
+            conversation.images,
+            tools=() if choice == "none" else tools,
+            constraint=constraint,
+        )
+        temperature = self.temperature or 0.0
+        sampling = Sampling(
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=self.top_p if self.top_p is not None and temperature > 0 else 1.0,
+            seed=self.seed,
+        )
+        stops = tuple(self.stops or ())
+        return Call(app, request, sampling, tuple(conversation.sources), None, stops, deadline_s)
 
     @property
     def stops(self) -> list[str] | None:
@@ -68,43 +84,89 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens
 
 
-def _tool_calls(message: AIMessage) -> list[dict[str, Any]]:
+def openai_conversation(messages: list[dict[str, Any]], fetcher: Any) -> Conversation:
+    """OpenAI chat messages (text and ``image_url`` parts, tool calls and tool results) as a
+    conversation; an image in a tool result has the source ``tool``."""
+    conversation = Conversation()
+    for message in messages:
+        role = message.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise InvalidInputError(f"unknown message role {role!r}")
+        content = message.get("content")
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        elif content is not None and not isinstance(content, list):
+            raise InvalidInputError("message content must be text or a list of parts")
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                url = part.get("image_url")
+                data, source = image_from_url(
+                    url.get("url") if isinstance(url, dict) else url, fetcher
+                )
+                parts.append(conversation.image_part(data, "tool" if role == "tool" else source))
+            else:
+                raise UnsupportedContentError(f"content part of type {kind!r} is not supported")
+        extra: dict[str, Any] = {}
+        if role == "assistant" and message.get("tool_calls"):
+            extra["tool_calls"] = [_engine_call(call) for call in message["tool_calls"]]
+        if role == "tool":
+            extra["tool_call_id"] = message.get("tool_call_id")
+            if message.get("name"):
+                extra["name"] = message["name"]
+        conversation.add("system" if role == "developer" else role, parts, **extra)
+    return conversation
+
+
+def _engine_call(call: Any) -> dict[str, Any]:
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise InvalidInputError("an assistant tool call needs a function name")
+    arguments = function.get("arguments") or "{}"
+    try:
+        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except json.JSONDecodeError as e:
+        raise InvalidInputError(f"tool call arguments are not JSON: {e}") from e
+    return {
+        "type": "function",
+        "id": call.get("id"),
+        "function": {"name": function["name"], "arguments": parsed},
+    }
+
+
+def _tool_calls(output: GuardedOutput) -> list[dict[str, Any]]:
     return [
         {
-            "id": call["id"],
+            "id": call.id,
             "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["args"])},
+            "function": {"name": call.name, "arguments": json.dumps(call.arguments)},
         }
-        for call in message.tool_calls
+        for call in output.tool_calls
     ]
 
 
-def completion(message: AIMessage, model: str) -> dict[str, Any]:
+def completion(output: GuardedOutput, model: str) -> dict[str, Any]:
     """A ``chat.completion`` object, with the decision record as the extra field ``safety``."""
-    safety = message.response_metadata["safety"]
-    body: dict[str, Any] = {"role": "assistant", "content": message.content or None}
-    if message.tool_calls:
-        body["tool_calls"] = _tool_calls(message)
-    usage = message.usage_metadata or {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    safety = output.decision.model_dump(mode="json")
+    body: dict[str, Any] = {"role": "assistant", "content": output.answer or None}
+    if output.tool_calls:
+        body["tool_calls"] = _tool_calls(output)
     return {
         "id": f"chatcmpl-{safety['call_id']}",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": body,
-                "finish_reason": message.response_metadata.get("finish_reason", "stop"),
-            }
-        ],
-        "usage": {
-            "prompt_tokens": usage["input_tokens"],
-            "completion_tokens": usage["output_tokens"],
-            "total_tokens": usage["total_tokens"],
-        },
+        "choices": [{"index": 0, "message": body, "finish_reason": output.finish_reason}],
+        "usage": usage(output),
         "safety": safety,
     }
+
+
+def usage(output: GuardedOutput) -> dict[str, int]:
+    return output.usage.model_dump()
 
 
 def chunk(
@@ -130,22 +192,11 @@ def chunk(
     }
 
 
-def chunk_delta(piece: AIMessageChunk) -> dict[str, Any]:
-    """The delta of one streamed piece: its text and any tool call chunks."""
-    delta: dict[str, Any] = {}
-    if piece.content:
-        delta["content"] = piece.content
-    if piece.tool_call_chunks:
-        delta["tool_calls"] = [
-            {
-                "index": c["index"],
-                "id": c["id"],
-                "type": "function",
-                "function": {"name": c["name"], "arguments": c["args"]},
-            }
-            for c in piece.tool_call_chunks
-        ]
-    return delta
+def final_delta(output: GuardedOutput) -> dict[str, Any]:
+    """The last streamed delta: the answer's tool calls, each whole."""
+    if not output.tool_calls:
+        return {}
+    return {"tool_calls": [{"index": i, **c} for i, c in enumerate(_tool_calls(output))]}
 
 
 def error_body(message: str, kind: str, code: str | None = None, **extra: Any) -> dict[str, Any]:

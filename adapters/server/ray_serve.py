@@ -3,9 +3,8 @@
 ``guardrail serve --config serve.toml --replicas N`` starts a local Ray instance (or joins the
 one ``RAY_ADDRESS`` names) and runs two deployments:
 
-* ``GuardedModel`` - N replicas, each loading the model once for all apps. Non-streamed calls
-  are batched by Ray Serve's ``@serve.batch`` (this replaces the in-process coalescer on this
-  path): calls with the same app and settings share one guarded pass. Streams run one by one.
+* ``GuardedModel`` - N replicas, each loading the model once for all apps in a guard service,
+  whose scheduler batches every call in flight on that replica (streamed or not) continuously.
   Replicas share dataset-level shifts through the store (use Redis with several replicas).
 * ``Ingress`` - the FastAPI app of :mod:`adapters.server.app` (keys, limits, metrics), calling
   the replicas through a deployment handle.
@@ -18,52 +17,41 @@ For a GPU cluster, give each replica its GPU and let Serve scale on load::
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import anyio
-from langchain_core.messages import AIMessage, AIMessageChunk
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from adapters.server.app import create_app
-from adapters.server.runners import Call, LocalRunner
+from adapters.server.runners import LocalRunner
 from adapters.server.settings import ServerSettings
+from guardrail import GuardedOutput
 from guardrail.errors import GuardrailError, GuardUnavailableError
+from guardrail.service import Call
 
-MAX_BATCH = 16
-BATCH_WAIT_S = 0.005
+MAX_ONGOING = 64  # calls in flight per replica: its scheduler batches them
 
 
-@serve.deployment(max_ongoing_requests=2 * MAX_BATCH)  # enough in flight to fill a batch
+@serve.deployment(max_ongoing_requests=MAX_ONGOING)
 class GuardedModel:
-    """One replica: the model and a chat model per app (errors are returned as values, so that
-    the typed error, with its decision, reaches the ingress as it was raised)."""
+    """One replica: the model's guard service with every app (its scheduler batches the calls
+    in flight continuously; errors are returned as values, so that the typed error, with its
+    decision, reaches the ingress as it was raised)."""
 
     def __init__(self, settings_json: str) -> None:
         self.runner = LocalRunner(ServerSettings.model_validate_json(settings_json))
         self.runner.load()
 
-    @serve.batch(max_batch_size=MAX_BATCH, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def invoke(self, calls: list[Call]) -> list[AIMessage | GuardrailError]:
-        groups: dict[str, list[int]] = defaultdict(list)
-        for i, call in enumerate(calls):
-            groups[call.settings_key].append(i)
-        answers: dict[int, AIMessage | GuardrailError] = {}
-        for indices in groups.values():
-            first = calls[indices[0]]
+    async def invoke(self, call: Call) -> GuardedOutput | GuardrailError:
+        try:
+            return await self.runner.invoke(call)
+        except GuardrailError as e:
+            return e
 
-            def run(indices: list[int] = indices, first: Call = first) -> list[Any]:
-                chat = self.runner.chats[first.app]
-                conversations = [calls[i].messages for i in indices]
-                return chat.generate_many(conversations, stop=first.stop, **first.arguments)
-
-            for i, answer in zip(indices, await anyio.to_thread.run_sync(run), strict=True):
-                answers[i] = answer
-        return [answers[i] for i in range(len(calls))]
-
-    async def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk | GuardrailError, None]:
+    async def stream(
+        self, call: Call
+    ) -> AsyncGenerator[str | GuardedOutput | GuardrailError, None]:
         pieces = self.runner.stream(call)
         try:
             async for piece in pieces:
@@ -86,14 +74,14 @@ class RayRunner:
     async def start(self) -> None:
         return None
 
-    async def invoke(self, call: Call) -> AIMessage:
+    async def invoke(self, call: Call) -> GuardedOutput:
         answer = await self.handle.invoke.remote(call)
         if isinstance(answer, GuardrailError):
             raise answer
-        assert isinstance(answer, AIMessage)
+        assert isinstance(answer, GuardedOutput)
         return answer
 
-    async def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk, None]:
+    async def stream(self, call: Call) -> AsyncGenerator[str | GuardedOutput, None]:
         pieces = self.handle.options(stream=True).stream.remote(call)
         assert isinstance(pieces, DeploymentResponseGenerator)
         try:
@@ -157,10 +145,10 @@ class _IngressRunner:
     async def start(self) -> None:
         return None
 
-    async def invoke(self, call: Call) -> AIMessage:
+    async def invoke(self, call: Call) -> GuardedOutput:
         return await self._runner().invoke(call)
 
-    def stream(self, call: Call) -> AsyncGenerator[AIMessageChunk, None]:
+    def stream(self, call: Call) -> AsyncGenerator[str | GuardedOutput, None]:
         return self._runner().stream(call)
 
     async def health(self) -> dict[str, str]:

@@ -20,11 +20,10 @@ import hashlib
 import hmac
 import tomllib
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from guardrail.config import Mode
+from guardrail.service import AppSpec
 
 
 def hash_key(key: str) -> str:
@@ -32,27 +31,15 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-class AppSettings(BaseModel):
-    """One application: its key, guard settings, store namespace and limits."""
+class AppSettings(AppSpec):
+    """One application: its guard settings (see :class:`~guardrail.service.AppSpec`; every
+    ``GuardConfig`` field, nested under ``guard`` or flat), its key and its limits."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
     key_sha256: str | None = None  # None: development mode only
-    alpha: float = Field(default=1.0, ge=0.0)
-    mode: Mode = "auto"
-    trust_policy: str = "image-source"
-    on_unavailable: Literal["fail_closed", "unguarded"] = "fail_closed"
-    namespace: str | None = None  # default: the app's name
-    max_tokens: int = Field(default=1024, ge=1)
-    max_request_bytes: int = Field(default=20_000_000, ge=1)
     max_concurrent: int = Field(default=4, ge=1)
+    max_request_bytes: int = Field(default=20_000_000, ge=1)
     # generation stops after this long, and a response (streamed or not) ends by then
     max_request_s: float = Field(default=300.0, gt=0)
-
-    @property
-    def store_namespace(self) -> str:
-        return self.namespace or self.name
 
     def accepts(self, key: str) -> bool:
         """Whether ``key`` is this app's key (constant-time comparison of digests)."""

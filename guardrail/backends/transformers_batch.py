@@ -95,8 +95,8 @@ def prefill_mask(positions: str, inputs: dict[str, Any], image_token_id: int) ->
     if positions == "all":
         return attention
     if positions == "text":
-        return attention & (ids != image_token_id)
-    last = torch.zeros_like(attention)
+        return attention & (ids != image_token_id)  # type: ignore[no-any-return]
+    last: torch.Tensor = torch.zeros_like(attention)
     last[:, -1] = True
     return last
 
@@ -445,46 +445,37 @@ class TransformersBatch:
         after = self._trim_after(target)
 
         def gather(
-            pick: Callable[[dict[str, Any], torch.Tensor | None], torch.Tensor | None],
-            dim: int,
-            seq_dim: int | None,
-            mains_only: bool = False,
-        ) -> torch.Tensor | None:
+            tensors: Sequence[torch.Tensor], seq_dim: int | None, mains_only: bool = False
+        ) -> torch.Tensor:
+            """The target's rows of per-part tensors (rows on dim 0), left-padded on
+            ``seq_dim`` to the common length (masks and positions hold one more)."""
             pieces, rows = [], []
-            for entries, part_state, part_next in parts:
-                tensor = pick(part_state, part_next)
-                if tensor is None:
-                    return None
-                if seq_dim is not None and tensor.shape[seq_dim] < length + (seq_dim != 2):
+            for (entries, _, _), tensor in zip(parts, tensors, strict=True):
+                if seq_dim is not None:
                     missing = length + (seq_dim != 2) - tensor.shape[seq_dim]
                     pad = [0, 0] * (tensor.dim() - 1 - seq_dim) + [missing, 0]
-                    tensor = F.pad(tensor, pad)
-                held = row_layout(entries, mains_only=tensor.shape[dim] == len(entries))
+                    tensor = F.pad(tensor, pad) if missing > 0 else tensor
                 pieces.append(tensor)
-                rows += held
-            wanted = row_layout(target, mains_only)
+                rows += row_layout(entries, mains_only=tensor.shape[0] == len(entries))
             where = {row: i for i, row in enumerate(rows)}
-            index = torch.tensor([where[row] for row in wanted], device=pieces[0].device)
-            return torch.cat(pieces, dim).index_select(dim, index)
+            wanted = [where[row] for row in row_layout(target, mains_only)]
+            index = torch.tensor(wanted, device=pieces[0].device)
+            return torch.cat(pieces).index_select(0, index)
 
         state: dict[str, Any] = dict(parts[0][1])
         for name in _ROW_INPUTS:
             merging = name == "attention_mask" and len(parts) > 1  # lengths may differ
             if merging or any(p[1].get(name) is not None for p in parts):
-                state[name] = gather(lambda s, _n, key=name: self._row_input(s, key), 0, 1)
+                state[name] = gather([self._row_input(p[1], name) for p in parts], 1)
         cache = parts[0][1]["cache"]
         for index, layer in enumerate(cache.layers):
             mains_only = after is not None and index > after
             for attribute in ("keys", "values"):
-                merged = gather(
-                    lambda s, _n, i=index, a=attribute: getattr(s["cache"].layers[i], a),
-                    0,
-                    2,
-                    mains_only,
-                )
-                setattr(layer, attribute, merged)
+                held = [getattr(p[1]["cache"].layers[index], attribute) for p in parts]
+                setattr(layer, attribute, gather(held, 2, mains_only))
         state["cache"] = cache
-        self._next = gather(lambda _s, n: n, 0, None)
+        nexts = [p[2] for p in parts]
+        self._next = gather([n for n in nexts if n is not None], None)
         self._running, self._state, self._length = target, state, length
 
     def _row_input(self, state: dict[str, Any], name: str) -> torch.Tensor:
@@ -493,7 +484,7 @@ class TransformersBatch:
             rows = state["position_ids"].shape[0]
             length = state["position_ids"].shape[1]
             return torch.ones(rows, length, dtype=torch.long, device=self._backend.device)
-        assert value is not None
+        assert isinstance(value, torch.Tensor)
         return value
 
     def _reset(self) -> None:

@@ -217,9 +217,9 @@ class GuardService:
         if call.trust is not None:
             trusted, reason = call.trust == "trusted", f"caller override: {call.trust}"
         else:
-            sources = call.sources or ("app",) * len(request.images)
+            default = tuple[ImageSource, ...]("app" for _ in request.images)
             verdict = app.policy.classify(
-                TrustInput(tuple(sources), lambda: app.vlm.text_state(request)),
+                TrustInput(call.sources or default, lambda: app.vlm.text_state(request)),
                 app.vlm.anchor_stats(),
             )
             trusted, reason = verdict.trusted, verdict.reason

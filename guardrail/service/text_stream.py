@@ -32,12 +32,12 @@ class TextStream:
             return ""
         self._tokens.append(token)
         text = self._tokenizer.decode(self._tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return ""  # a character split over tokens: wait for the rest
         cuts = [text.index(s) for s in self._stop if s in text]
         if cuts:
             text, self.stopped = text[: min(cuts)], True
         self.text = text
+        if text.endswith("\ufffd") and not self.stopped:
+            return ""  # maybe a character split over tokens: wait for the rest
         return self._release(final=self.stopped)
 
     def finish(self) -> str:
