@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from langchain_core.caches import BaseCache
@@ -94,6 +94,7 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
     _service: GuardService = PrivateAttr()
     _vlm: GuardedVLM = PrivateAttr()
     _fetcher: RemoteImageFetcher = PrivateAttr()
+    _key: str = PrivateAttr()
 
     @model_validator(mode="before")
     @classmethod
@@ -122,7 +123,9 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
             trust_policy=self.trust_policy if isinstance(self.trust_policy, str) else "custom",
             max_tokens=max(self.max_tokens, 1024),
         )
-        self._vlm = self._service.add_app(spec, policy)
+        # instances with equal settings share one app entry; others get their own
+        self._key = f"{self.app}#{hash((spec.model_dump_json(), id(policy)))}"
+        self._vlm = self._service.add_app(spec, policy, key=self._key)
         self._fetcher = RemoteImageFetcher(
             allow_hosts=self.allow_image_hosts,
             allow_networks=self.allow_image_networks,
@@ -147,7 +150,7 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
     def calibrate(self, anchors: list[str] | None = None) -> Lookup:
         """Find the app's dataset-level shift in its store, or compute it from ``anchors``
         (default: the bundled set) and store it."""
-        return self._service.calibrate(self.app, anchors)
+        return self._service.calibrate(self._key, anchors)
 
     @property
     def guarded_model(self) -> GuardedVLM:
@@ -224,7 +227,7 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
             constraint = answer_constraint(tools, choice, kw.get("response_format"))
             conversation = to_conversation(messages, self._fetcher)
         except GuardrailError as e:
-            raise self._service.refuse(self.app, e) from None
+            raise self._service.refuse(self._key, e) from None
         offered = () if choice == "none" else tools
         request = GuardRequest(
             conversation.messages, conversation.images, tools=offered, constraint=constraint
@@ -240,7 +243,7 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         sources = tuple(conversation.sources)
         stops = tuple(stop or self.stop or ())
         return Call(
-            self.app, request, sampling, sources, kw.get("trust"), stops, kw.get("max_time")
+            self._key, request, sampling, sources, kw.get("trust"), stops, kw.get("max_time")
         )
 
     def _message(self, output: GuardedOutput, cls: type = AIMessage, text: str = "") -> Any:
@@ -295,30 +298,42 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
                 run_id=run_manager.run_id,
             )
 
+    def _announce(self, chunk: AIMessageChunk, config: RunnableConfig | None) -> None:
+        """The decision of a stream's last chunk to the stream's callbacks (LangChain runs
+        ``_stream`` without a run manager, so :meth:`_report` cannot)."""
+        safety = chunk.response_metadata.get("safety")
+        if not safety:
+            return
+        config = ensure_config(config)
+        run_id = (chunk.id or "").removeprefix(f"{LC_ID_PREFIX}-")
+        CallbackManager.configure(
+            config.get("callbacks"),
+            self.callbacks,
+            self.verbose,
+            config.get("tags"),
+            self.tags,
+            config.get("metadata"),
+            self.metadata,
+        ).on_custom_event(
+            "guardrail_decision", safety, run_id=uuid.UUID(run_id) if run_id else uuid.uuid4()
+        )
+
     def stream(
         self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[AIMessageChunk]:
-        """As LangChain's, and the decision reaches the stream's callbacks (LangChain runs
-        ``_stream`` without a run manager)."""
         streams = self._should_stream(async_api=False, **{**kwargs, "stream": True})
         for chunk in super().stream(input, config, **kwargs):
-            safety = chunk.response_metadata.get("safety")
-            if streams and safety:
-                config = ensure_config(config)
-                run_id = (chunk.id or "").removeprefix(f"{LC_ID_PREFIX}-")
-                CallbackManager.configure(
-                    config.get("callbacks"),
-                    self.callbacks,
-                    self.verbose,
-                    config.get("tags"),
-                    self.tags,
-                    config.get("metadata"),
-                    self.metadata,
-                ).on_custom_event(
-                    "guardrail_decision",
-                    safety,
-                    run_id=uuid.UUID(run_id) if run_id else uuid.uuid4(),
-                )
+            if streams:  # otherwise it ran invoke, which reported the decision itself
+                self._announce(chunk, config)
+            yield chunk
+
+    async def astream(
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
+    ) -> AsyncIterator[AIMessageChunk]:
+        streams = self._should_stream(async_api=True, **{**kwargs, "stream": True})
+        async for chunk in super().astream(input, config, **kwargs):
+            if streams:
+                self._announce(chunk, config)
             yield chunk
 
     def _generate(
@@ -351,25 +366,3 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         output = handle.result()
         self._report(output, run_manager)
         yield ChatGenerationChunk(message=self._message(output, AIMessageChunk))
-
-    def generate_many(
-        self, conversations: Sequence[Sequence[BaseMessage]], **kwargs: Any
-    ) -> list[AIMessage | GuardrailError]:
-        """Answer several conversations together (no LangChain callbacks run); a refused one's
-        place holds its typed error, with its decision."""
-        stop = kwargs.pop("stop", None)
-        calls: list[Call | GuardrailError] = []
-        for messages in conversations:
-            try:
-                calls.append(self._call(list(messages), stop, kwargs))
-            except GuardrailError as e:
-                calls.append(e)
-        submitted = [c for c in calls if isinstance(c, Call)]
-        outputs = iter(self._service.generate(submitted))
-        results: list[AIMessage | GuardrailError] = []
-        for call in calls:
-            outcome = call if isinstance(call, GuardrailError) else next(outputs)
-            results.append(
-                outcome if isinstance(outcome, GuardrailError) else self._message(outcome)
-            )
-        return results

@@ -157,7 +157,7 @@ def measure_tools(vlm: GuardedVLM, name: str, repeats: int) -> list[dict]:
     """Constrained tool call vs the same call unconstrained with as many new tokens."""
     prompt = "Search the web for the tallest building in Oslo."
     started = time.perf_counter()  # first use: the tokenizer's grammar tables and one grammar
-    vlm.backend.constrained({0: OutputConstraint.tool_call(TOOLS)})
+    vlm.backend.grammars().compile(OutputConstraint.tool_call(TOOLS))
     setup_s = time.perf_counter() - started
     rows = []
     for mode in ("dataset", "sample"):

@@ -126,7 +126,9 @@ def main() -> None:
     rows = []
     for fixture, count in zip(args.fixtures, args.requests, strict=True):
         model = str(fixture_path(fixture))
-        chat = ChatGuardedVLM.from_model_id(model=model, app="bench", store=store, max_tokens=NEW_TOKENS)
+        chat = ChatGuardedVLM.from_model_id(
+            model=model, app="bench", store=store, max_tokens=NEW_TOKENS
+        )
         settings = ServerSettings(
             model=model,
             store=store,

@@ -43,7 +43,9 @@ def first_call_uses_a_tool(request, handler):
     return handler(request.override(tool_choice="none" if used else "any"))
 
 
-chat = ChatGuardedVLM.from_model_id(model=str(fixture_path("smollm")), app="agent-demo", max_tokens=40)
+chat = ChatGuardedVLM.from_model_id(
+    model=str(fixture_path("smollm")), app="agent-demo", max_tokens=40
+)
 agent = create_agent(model=chat, tools=[add, screenshot], middleware=[first_call_uses_a_tool])
 
 for question in ("What is 3 plus 4? Use the add tool.", "Take a screenshot of example.com."):

@@ -640,9 +640,15 @@ def test_the_cache_key_covers_the_guard_and_a_hit_is_a_new_logged_decision(
     tiny_path, tmp_path, llm_cache, caplog
 ):
     store = f"file://{tmp_path}"
-    one = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(1,))
-    two = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(2,))
-    three = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="c", store=store, max_tokens=4, layers=(1,))
+    one = ChatGuardedVLM.from_model_id(
+        model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(1,)
+    )
+    two = ChatGuardedVLM.from_model_id(
+        model=str(tiny_path), app="c", store=store, max_tokens=3, layers=(2,)
+    )
+    three = ChatGuardedVLM.from_model_id(
+        model=str(tiny_path), app="c", store=store, max_tokens=4, layers=(1,)
+    )
     first = one.invoke([openai_image()]).response_metadata["safety"]
     assert two.invoke([openai_image()]).response_metadata["safety"]["layers"] == [2]
     three.invoke([openai_image()])

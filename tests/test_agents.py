@@ -25,7 +25,9 @@ from .test_tools_langchain import B64
 @pytest.fixture(scope="module")
 def chat(tiny_path, tmp_path_factory):
     store = tmp_path_factory.mktemp("agents")
-    return ChatGuardedVLM.from_model_id(model=str(tiny_path), app="agents", store=f"file://{store}", max_tokens=5)
+    return ChatGuardedVLM.from_model_id(
+        model=str(tiny_path), app="agents", store=f"file://{store}", max_tokens=5
+    )
 
 
 def test_create_agent_without_tools_guards_multimodal_turns(chat):
@@ -148,7 +150,9 @@ def test_create_agent_with_a_response_format(tiny_path, tmp_path):
     class Verdict(BaseModel):
         safe: bool
 
-    chat = ChatGuardedVLM.from_model_id(model=str(tiny_path), app="agents", store=f"file://{tmp_path}")
+    chat = ChatGuardedVLM.from_model_id(
+        model=str(tiny_path), app="agents", store=f"file://{tmp_path}"
+    )
     agent = create_agent(model=chat, tools=[], response_format=Verdict)
     out = agent.invoke({"messages": [openai_image()]})
     assert isinstance(out["structured_response"], Verdict)

@@ -85,3 +85,16 @@ def test_no_import_cycle():
     for module in sorted(edges):
         if module not in state:
             visit(module, [])
+
+
+def test_the_server_never_goes_through_langchain():
+    """OpenAI JSON becomes guard calls directly: no server module imports LangChain."""
+    server = ROOT / "adapters" / "server"
+    for path in [*server.rglob("*.py"), ROOT / "adapters" / "conversation.py"]:
+        tree = ast.parse(path.read_text())
+        names = {
+            alias.name for n in ast.walk(tree) if isinstance(n, ast.Import) for alias in n.names
+        }
+        names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        found = {name for name in names if name.startswith(("langchain", "adapters.langchain"))}
+        assert not found, f"{path.name} imports {sorted(found)}"

@@ -15,8 +15,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from guardrail import (
     DecoderNotFoundError,
     GuardConfig,
-    GuardrailError,
     GuardedVLM,
+    GuardrailError,
     GuardRequest,
     GuardUnavailableError,
     InvalidImageError,
@@ -150,10 +150,7 @@ def test_positions_policies_build_the_right_prefill_mask(tiny_vlm, image):
     image_token = tiny_vlm.backend.image_token_id
     is_image = inputs["input_ids"] == image_token
     real = inputs["attention_mask"].bool()
-    masks = {
-        p: prefill_mask(p, inputs, image_token)
-        for p in ("all", "text", "last")
-    }
+    masks = {p: prefill_mask(p, inputs, image_token) for p in ("all", "text", "last")}
     assert torch.equal(masks["all"], real)
     assert torch.equal(masks["text"], real & ~is_image) and int(is_image.sum()) == 16
     assert masks["last"].sum(1).tolist() == [1, 1] and masks["last"][:, -1].all()

@@ -101,7 +101,9 @@ def test_dataset_and_sample_level_run_end_to_end(family_vlm):
 
 def test_langchain_adapter_guards_every_family(family_vlm, tmp_path):
     path = family_vlm.model.config.name_or_path
-    chat = ChatGuardedVLM.from_model_id(model=path, app="families", store=f"file://{tmp_path}", max_tokens=3)
+    chat = ChatGuardedVLM.from_model_id(
+        model=path, app="families", store=f"file://{tmp_path}", max_tokens=3
+    )
     buffer = io.BytesIO()
     synthetic_image(6, (48, 40)).save(buffer, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -379,7 +379,7 @@ def test_settings_from_a_config_file(tmp_path):
     )
     settings = ServerSettings.from_toml(config, port=9000)
     assert [a.name for a in settings.apps] == ["support", "search"] and settings.port == 9000
-    assert settings.app_for("s3cret").alpha == 0.8 and settings.app_for("S3CRET") is None
+    assert settings.app_for("s3cret").guard.alpha == 0.8 and settings.app_for("S3CRET") is None
     assert settings.app_for("other").store_namespace == "search-v2"
     assert settings.app_for(None) is None and "s3cret" not in config.read_text()
 

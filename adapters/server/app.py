@@ -167,8 +167,10 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             return respond(name, 429, body, **{"Retry-After": "1"})
         handed_over = False
         try:
+            # generation ends a little before the response must: the answer still gets out
+            left = app.max_request_s - (time.perf_counter() - arrived)
             model_call = await anyio.to_thread.run_sync(
-                call.guard_call, name, tokens, app.max_request_s, fetcher
+                call.guard_call, name, tokens, 0.8 * left, fetcher
             )
             if call.stream:
                 response = await _stream(app, model_call, call, arrived)

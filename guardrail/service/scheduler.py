@@ -75,8 +75,13 @@ class Scheduler:
                         self._thread = None
                         return  # idle: the thread ends, the next submit starts another
                 cancelled, self._cancelled = self._cancelled, set()
+                dropped = [job for job in self._waiting if job.request.id in cancelled]
+                for job in dropped:
+                    self._waiting.remove(job)
                 admitted = self._admit()
             try:
+                for job in dropped:
+                    self._end(job, "aborted")
                 self._turn(cancelled, admitted)
             except BaseException as e:  # nothing may leave a caller waiting forever
                 logger.exception("scheduler step failed")
@@ -96,10 +101,6 @@ class Scheduler:
 
     def _turn(self, cancelled: set[str], admitted: list[Job]) -> None:
         now = time.monotonic()
-        for job in list(self._waiting):
-            if job.request.id in cancelled:
-                self._waiting.remove(job)
-                self._end(job, "aborted")
         for job in list(self._running.values()):
             if job.request.id in cancelled:
                 self._stop(job, "aborted")

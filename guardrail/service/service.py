@@ -79,9 +79,12 @@ class GuardService:
 
     # ----------------------------------------------------------------- apps
 
-    def add_app(self, spec: AppSpec, trust_policy: TrustPolicy | None = None) -> GuardedVLM:
-        """Register ``spec`` (replacing an app of that name) and look its dataset-level shift up
-        in its store; nothing is computed (see :meth:`calibrate`). Returns the app's view."""
+    def add_app(
+        self, spec: AppSpec, trust_policy: TrustPolicy | None = None, key: str | None = None
+    ) -> GuardedVLM:
+        """Register ``spec`` under ``key`` (default: its name; calls name the key, records the
+        app's name), replacing what was there, and look its dataset-level shift up in its
+        store; nothing is computed (see :meth:`calibrate`). Returns the app's view."""
         if trust_policy is None:
             if spec.trust_policy not in POLICIES:
                 raise InvalidInputError(
@@ -95,7 +98,7 @@ class GuardService:
             compute_on_miss=False,
         )
         with self._lock:
-            self._apps[spec.name] = _App(spec, vlm, trust_policy, spec.store)
+            self._apps[key or spec.name] = _App(spec, vlm, trust_policy, spec.store)
         return vlm
 
     def app(self, name: str) -> GuardedVLM:
@@ -149,9 +152,10 @@ class GuardService:
     def refuse(self, app: str, error: GuardrailError) -> GuardrailError:
         """Record a call refused before it reached the service (bad input a front end found)
         with its one decision record, and return the error to raise."""
-        view = self._apps[app].vlm if app in self._apps else self.model
+        known = self._apps.get(app)
         if error.decision is None:
-            view.record_refusal(error, app)
+            view = known.vlm if known else self.model
+            view.record_refusal(error, known.spec.name if known else app)
         return error
 
     def submit(self, call: Call) -> CallHandle:
@@ -165,7 +169,7 @@ class GuardService:
             with self._lock:
                 if app.active >= app.spec.max_concurrent:
                     raise OverloadedError(
-                        f"app {call.app!r} has {app.spec.max_concurrent} calls running"
+                        f"app {app.spec.name!r} has {app.spec.max_concurrent} calls running"
                     )
                 app.active += 1
         except GuardrailError as e:
@@ -211,7 +215,7 @@ class GuardService:
 
     def _classified(self, app: _App, call: Call, started: float) -> GuardRequest:
         """The request with the app's name and, when it has images, its trust verdict."""
-        request = replace(call.request, app=call.app)
+        request = replace(call.request, app=app.spec.name)
         if not request.images:
             return request
         if call.trust is not None:
