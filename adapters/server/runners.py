@@ -76,4 +76,7 @@ class LocalRunner:
                 handle.cancel()
 
     async def health(self) -> dict[str, str]:
-        return self._service().health() if self.service is not None else {}
+        if self.service is None:
+            return {}
+        states = self.service.health()  # the shared service may hold other front ends' apps
+        return {app.name: states[app.name] for app in self.settings.apps if app.name in states}
