@@ -39,12 +39,14 @@ from adapters.server.protocol import (
 from adapters.server.runners import LocalRunner, Runner
 from adapters.server.settings import AppSettings, ServerSettings
 from guardrail import GuardedOutput
+from guardrail.decision import log_decision
 from guardrail.errors import (
     GuardrailError,
     GuardUnavailableError,
     InvalidInputError,
     OverloadedError,
 )
+from guardrail.planning import refusal_record
 from guardrail.service import Call
 
 CALL_ID_HEADER = "x-guardrail-call-id"
@@ -248,9 +250,6 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
 
 def _refusal_record(error: GuardrailError, app: AppSettings, model: str) -> Any:
     """The decision record of a call refused before it reached the guard service."""
-    from guardrail.decision import log_decision
-    from guardrail.planning import refusal_record
-
     decision = refusal_record(error, app.guard, app.guard.layers or (), model, app.name)
     log_decision(decision)
     return decision

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
     from guardrail.backends.transformers import TransformersBackend
 
 Row = tuple[str, str]  # (request id, "main" | "corrupted" | "text")
+# One pass's per-row tensors: pass-through rows, α·Δ per edited layer, lockstep rows, shape.
+_PassTensors = tuple[
+    PassThrough | None, torch.Tensor | None, Lockstep | None, CorrectionShape | None
+]
 # Per-row model inputs a decode step carries, and how to pad each on the left.
 _ROW_INPUTS = ("attention_mask", "position_ids", "token_type_ids", "mm_token_type_ids")
 
@@ -114,6 +118,8 @@ class TransformersBatch:
         self._length = 0  # sequence length held in the cache
         self._batch_id = ""
         self._mergeable = False
+        self._stops = backend.stop_token_ids()
+        self._decode_tensors: tuple[tuple[str, ...], _PassTensors] | None = None
 
     # ----------------------------------------------------------------- protocol
 
@@ -267,7 +273,7 @@ class TransformersBatch:
         norms: dict[str, float],
         prompt_tokens: Sequence[int] | None = None,
     ) -> list[StepEvent]:
-        stops = self._backend.stop_token_ids()
+        stops = self._stops
         events = []
         for i, (entry, scores) in enumerate(zip(entries, logits, strict=True)):
             if entry.produced < entry.request.sampling.min_new_tokens:
@@ -334,7 +340,40 @@ class TransformersBatch:
     ) -> tuple[LayerPlan | None, CorrectionPlan | None]:
         """What the hooks apply in this pass (image-free rows passed through in cross-attention
         models, then the correction), and the correction; ``mask`` marks the edited prompt
-        positions of a prefill."""
+        positions of a prefill (None: a decode step, whose tensors are reused while the batch
+        keeps its requests)."""
+        if mask is not None:
+            tensors = self._pass_tensors(entries, prefill=True)
+        else:
+            key = tuple(e.id for e in entries)
+            if self._decode_tensors is None or self._decode_tensors[0] != key:
+                self._decode_tensors = (key, self._pass_tensors(entries, prefill=False))
+            tensors = self._decode_tensors[1]
+        pass_through, shifts, lockstep, shape = tensors
+        if shape is None or shifts is None:
+            return pass_through, None
+        trim = None
+        after = self._trim_after(entries)
+        if lockstep is not None and after is not None:
+            rows, backend = len(row_layout(entries)), self._backend
+            trim = RowTrim(
+                after, len(entries), rows, backend.family.trim_arguments, backend.trim_state
+            )
+        correction = CorrectionPlan(
+            shape.layers,
+            shifts,
+            mask,
+            lockstep,
+            incremental=shape.stacking == "incremental",
+            trim=trim,
+        )
+        if pass_through is None:
+            return correction, correction
+        return ChainedPlan(pass_through, correction), correction
+
+    def _pass_tensors(self, entries: Sequence[_Running], prefill: bool) -> _PassTensors:
+        """The per-row tensors of a pass over ``entries``: image-free rows to pass through,
+        each row's α·Δ at the edited layers, the lockstep rows, and the correction shape."""
         backend = self._backend
         rows = row_layout(entries)
         by_id = {e.id: e for e in entries}
@@ -349,13 +388,13 @@ class TransformersBatch:
                 pass_through = PassThrough(backend.image_layers, flags)
         shape = self._shape_of(entries)
         if shape is None:
-            return pass_through, None
+            return pass_through, None, None, None
         shifts = torch.zeros(len(shape.layers), len(rows), backend.hidden_size)
         for i, entry in enumerate(entries):
-            vectors = entry.prompt if mask is not None else entry.decode
-            if vectors is not None and not entry.done:
+            vectors = entry.prompt if prefill else entry.decode
+            if vectors is not None:
                 shifts[:, i] = vectors
-        lockstep = trim = None
+        lockstep = None
         sample = [i for i, e in enumerate(entries) if e.sample]
         if sample:
             n, count = len(entries), len(sample)
@@ -367,22 +406,7 @@ class TransformersBatch:
                 text=torch.arange(n + count, n + 2 * count, device=device),
                 alpha=torch.tensor(alphas, device=device, dtype=dtype),
             )
-            after = self._trim_after(entries)
-            if after is not None:
-                trim = RowTrim(
-                    after, n, len(rows), backend.family.trim_arguments, backend.trim_state
-                )
-        correction = CorrectionPlan(
-            shape.layers,
-            shifts.to(backend.device, backend.dtype),
-            mask,
-            lockstep,
-            incremental=shape.stacking == "incremental",
-            trim=trim,
-        )
-        if pass_through is None:
-            return correction, correction
-        return ChainedPlan(pass_through, correction), correction
+        return pass_through, shifts.to(backend.device, backend.dtype), lockstep, shape
 
     def _live_norms(
         self, group: Sequence[_Running], correction: CorrectionPlan | None

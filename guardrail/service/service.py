@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -229,23 +229,3 @@ class GuardService:
             trusted, reason = verdict.trusted, verdict.reason
         reason += f" (checked in {(time.perf_counter() - started) * 1e3:.1f} ms)"
         return replace(request, trusted=trusted, trust_reason=reason)
-
-    def generate(self, calls: Sequence[Call]) -> list[Any]:
-        """Submit ``calls`` together and wait for them: each place holds the output or the
-        typed error that refused or ended that call."""
-        handles: list[CallHandle | GuardrailError] = []
-        for call in calls:
-            try:
-                handles.append(self.submit(call))
-            except GuardrailError as e:
-                handles.append(e)
-        results: list[Any] = []
-        for handle in handles:
-            if isinstance(handle, GuardrailError):
-                results.append(handle)
-                continue
-            try:
-                results.append(handle.result())
-            except GuardrailError as e:
-                results.append(e)
-        return results
