@@ -17,16 +17,23 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.utils import MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
 
-from guardrail.backends.base import BackendRequest, CorrectionShape, Finish, StepEvent
-from guardrail.backends.grammar import RequestGrammar
+from guardrail.backends.base import (
+    BackendRequest,
+    CorrectionShape,
+    Finish,
+    MeasuringBackend,
+    StepEvent,
+)
+from guardrail.backends.grammar import GrammarCompiler, RequestGrammar
 from guardrail.backends.hooks import (
     ChainedPlan,
     CorrectionPlan,
@@ -34,10 +41,21 @@ from guardrail.backends.hooks import (
     Lockstep,
     PassThrough,
     RowTrim,
+    TrimState,
 )
 
-if TYPE_CHECKING:
-    from guardrail.backends.transformers import TransformersBackend
+
+class LoopModel(MeasuringBackend, Protocol):
+    """What the decode loop needs from the transformers backend that owns it."""
+
+    model: Any
+    forward_arguments: frozenset[str]
+    trim_state: TrimState  # whether reference rows can skip late layers (decided once)
+
+    def applied(self, plan: LayerPlan | None) -> AbstractContextManager[None]: ...
+
+    def grammars(self) -> GrammarCompiler: ...
+
 
 Row = tuple[str, str]  # (request id, "main" | "corrupted" | "text")
 # One pass's per-row tensors: pass-through rows, α·Δ per edited layer, lockstep rows, shape.
@@ -106,9 +124,9 @@ def prefill_mask(positions: str, inputs: dict[str, Any], image_token_id: int) ->
 
 
 class TransformersBatch:
-    """A running batch on a :class:`TransformersBackend` (see the module docstring)."""
+    """A running batch on a transformers backend (see the module docstring)."""
 
-    def __init__(self, backend: TransformersBackend) -> None:
+    def __init__(self, backend: LoopModel) -> None:
         self._backend = backend
         self._model: Any = backend.model
         self._running: list[_Running] = []
