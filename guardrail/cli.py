@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from guardrail.anchors import BUNDLED_ANCHORS
-from guardrail.config import CorruptionSpec, GuardConfig
+from guardrail.config import GuardConfig
+from guardrail.config_flags import add_guard_flags, guard_config
 from guardrail.engine import GuardedVLM
 from guardrail.errors import GuardrailError
 from guardrail.evaluation.datasets import DataReport, EvalSample, Format, read_samples
@@ -136,7 +137,7 @@ def calibrate(args: argparse.Namespace) -> int:
     """Compute the dataset-level shift of a model on an anchor file and store it."""
     report = DataReport()
     samples = _requests(args.anchor, args.format, args.images, args.mapping, args.skip_bad, report)
-    config = GuardConfig(corruption=CorruptionSpec(kind=args.corruption, seed=args.seed))
+    config = guard_config(args)
     vlm = GuardedVLM.from_pretrained(
         args.model, config=config, family=args.family, device=args.device, dtype=args.dtype
     )
@@ -167,11 +168,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
     report = DataReport()
     samples = _requests(args.data, args.format, args.images, args.mapping, args.skip_bad, report)
-    config = GuardConfig(
-        layers=tuple(args.layers) if args.layers else None,
-        positions=args.positions,
-        corruption=CorruptionSpec(kind=args.corruption, seed=args.seed),
-    )
+    config = guard_config(args)
     vlm = GuardedVLM.from_pretrained(
         args.model, config=config, family=args.family, device=args.device, dtype=args.dtype
     )
@@ -215,7 +212,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 def chat(args: argparse.Namespace) -> int:
     """One guarded answer and its decision."""
-    config = GuardConfig(alpha=args.alpha, mode=args.mode)
+    config = guard_config(args, GuardConfig(mode="sample"))
     vlm = GuardedVLM.from_pretrained(
         args.model, config=config, family=args.family, device=args.device
     )
@@ -261,8 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.add_argument("--anchor", required=True, help="anchor data file")
     p.add_argument("--anchor-name", default=None, help="store key name (default: file stem)")
-    p.add_argument("--corruption", default="blank", choices=["blank", "noise"])
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_guard_flags(p, aliases={"corruption.seed": "--seed"})
     p.set_defaults(func=calibrate)
     p = commands.add_parser("eval", help="unsafe rates per mode, like the paper")
     _model_options(p)
@@ -271,17 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="vlm,text-only,caption,dataset,sample")
     p.add_argument("--alpha", type=float, nargs="+", default=[1.0])
     p.add_argument("--anchor-name", default=None, help="dataset shift to use (store key name)")
-    p.add_argument(
-        "--layers", type=int, nargs="+", default=None, help="edited layers (default: 5/6 depth)"
-    )
-    p.add_argument("--positions", default="last", choices=["last", "text", "all"])
-    p.add_argument(
-        "--corruption",
-        default="blank",
-        choices=["blank", "noise"],
-        help="meaningless image of the sample-level shift (a stored one must match)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    add_guard_flags(p, skip={"alpha"}, aliases={"corruption.seed": "--seed"})
     p.add_argument("--judge", default="refusal", help="refusal | http | hf:MODEL")
     p.add_argument("--judge-cache", default=None, help="folder caching http judge answers")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -297,8 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("chat", help="one guarded answer plus its decision")
     _model_option(p)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--mode", default="sample", choices=["auto", "dataset", "sample", "off"])
+    add_guard_flags(p)  # --mode defaults to sample here
     p.add_argument("--device", default=None)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("prompt")

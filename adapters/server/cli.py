@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from adapters.server.settings import ServerSettings, hash_key
+from guardrail.config_flags import add_guard_flags, guard_config
 
 GRACEFUL_SHUTDOWN_S = 30
 
@@ -25,6 +26,7 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--replicas", type=int, default=0, help="run the model in N Ray Serve replicas")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (with --replicas)")
     p.add_argument("--hash-key", metavar="KEY", help="print the key_sha256 of KEY and exit")
+    add_guard_flags(p)  # given flags override every app's guard config
     p.set_defaults(func=serve)
 
 
@@ -55,6 +57,10 @@ def serve(args: argparse.Namespace) -> int:
         )
     else:
         raise ValueError("guardrail serve needs --config FILE or --model NAME")
+    apps = [
+        app.model_copy(update={"guard": guard_config(args, app.guard)}) for app in settings.apps
+    ]
+    settings = settings.model_copy(update={"apps": tuple(apps)})
     if args.replicas:
         return _serve_on_ray(settings, args.replicas, args.num_gpus)
     uvicorn.run(
