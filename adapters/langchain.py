@@ -31,6 +31,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from adapters.caching import GuardedCache, cache_key_params
 from adapters.conversation import answer_constraint, tool_choice_value
+from adapters.langchain_errors import langchain_errors
 from adapters.langchain_tools import ToolBinding
 from adapters.messages import to_conversation
 from adapters.remote_images import RemoteImageFetcher
@@ -343,7 +344,8 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        output = self._service.submit(self._call(messages, stop, kwargs)).result()
+        with langchain_errors():
+            output = self._service.submit(self._call(messages, stop, kwargs)).result()
         self._report(output, run_manager)
         return ChatResult(generations=[ChatGeneration(message=self._message(output))])
 
@@ -354,7 +356,8 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        handle = self._service.submit(self._call(messages, stop, kwargs))
+        with langchain_errors():
+            handle = self._service.submit(self._call(messages, stop, kwargs))
         try:
             for text in handle:
                 if run_manager is not None:
@@ -363,6 +366,7 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         finally:  # the consumer stopped early: generation ends
             if not handle.done:
                 handle.cancel()
-        output = handle.result()
+        with langchain_errors():
+            output = handle.result()
         self._report(output, run_manager)
         yield ChatGenerationChunk(message=self._message(output, AIMessageChunk))

@@ -9,6 +9,12 @@ in the same run; a final JSON line. The shift is calibrated into a shared folder
 
     python bench/serve.py [--fixtures tiny smollm] [--requests 200 40] [--concurrency 1 4 16]
                           [--targets in-process uvicorn ray-1 ray-2]
+
+``--two-apps BASELINE`` instead runs ``bench/two_apps.py`` (two apps × ``--callers`` callers on
+one model, short and long requests) on this tree and on the commit ``BASELINE`` (checked out in
+a temporary git worktree), one after the other in the same run, and prints the ratios.
+
+    python bench/serve.py --two-apps abf622f [--fixtures tiny smollm] [--callers 8]
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ import base64
 import io
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import torch
@@ -112,6 +122,51 @@ class _Ray:
         ray.shutdown()
 
 
+def two_apps(baseline: str, fixtures: list[str], callers: int, rounds: list[int]) -> list[dict]:
+    """``bench/two_apps.py`` on ``baseline`` and on this tree, per fixture."""
+    here = Path(__file__).resolve().parents[1]
+    old = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(old), baseline], cwd=here)
+    rows = []
+    try:
+        for fixture, count in zip(fixtures, rounds, strict=True):
+            results = {}
+            for name, tree in ((f"baseline {baseline}", old), ("this tree", here)):
+                command = [
+                    sys.executable,
+                    str(here / "bench" / "two_apps.py"),
+                    "--fixture",
+                    fixture,
+                    "--callers",
+                    str(callers),
+                    "--rounds",
+                    str(count),
+                ]
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                out = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"{name}: {out.stderr[-2000:]}")
+                results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            base = results[f"baseline {baseline}"]
+            for name, result in results.items():
+                row = {"setup": name, **result}
+                row["throughput_ratio"] = round(
+                    result["throughput_rps"] / base["throughput_rps"], 3
+                )
+                row["short_p99_ratio"] = round(result["short_p99_s"] / base["short_p99_s"], 3)
+                rows.append(row)
+                print(
+                    f"{fixture:7} {name:18} {result['throughput_rps']:7.2f} req/s  short p50 "
+                    f"{result['short_p50_s']:.3f}s p99 {result['short_p99_s']:.3f}s  unguarded "
+                    f"{result['unguarded_multimodal']}  throughput x{row['throughput_ratio']:.2f}"
+                    f"  short p99 x{row['short_p99_ratio']:.2f}",
+                    flush=True,
+                )
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=here)
+    return rows
+
+
 def main() -> None:
     logging.getLogger("guardrail.decisions").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=__doc__)
@@ -120,7 +175,14 @@ def main() -> None:
     parser.add_argument("--concurrency", nargs="*", type=int, default=[1, 4, 16])
     parser.add_argument("--targets", nargs="*", default=list(TARGETS), choices=TARGETS)
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--two-apps", metavar="BASELINE", help="two apps vs a baseline commit")
+    parser.add_argument("--callers", type=int, default=8, help="--two-apps: callers per app")
+    parser.add_argument("--rounds", nargs="*", type=int, default=[4, 2], help="--two-apps")
     args = parser.parse_args()
+    if args.two_apps:
+        rows = two_apps(args.two_apps, args.fixtures, args.callers, args.rounds)
+        print(json.dumps({"benchmark": "serve-two-apps", "rows": rows}))
+        return
     torch.set_num_threads(2)
     store = f"file://{tempfile.mkdtemp(prefix='bench-serve-')}"
     rows = []

@@ -7,17 +7,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from guardrail.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tool, call_schema
+from guardrail.errors import InvalidInputError
+from guardrail.tools import Tool, check_tools
 
 
 @dataclass(frozen=True)
 class JsonForm:
     """JSON matching ``schema`` (serialised; any JSON object when None), written between the
-    literal ``prefix`` and ``suffix``."""
+    literal ``prefix`` and ``suffix``. A ``tool_call`` form is one call in the model's own
+    tool-call format: ``schema`` then holds ``{"tools": [...], "name": ...}`` and the backend
+    writes the call's schema, prefix and suffix from its format."""
 
     schema: str | None = None
     prefix: str = ""
     suffix: str = ""
+    tool_call: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,9 +42,13 @@ class OutputConstraint:
 
     @classmethod
     def tool_call(cls, tools: Sequence[Tool], name: str | None = None) -> OutputConstraint:
-        """One ``<tool_call>`` block calling one of ``tools`` (the one called ``name``)."""
-        schema = json.dumps(call_schema(tools, name))
-        return cls((JsonForm(schema, f"{TOOL_CALL_OPEN}\n", f"\n{TOOL_CALL_CLOSE}"),))
+        """One call, in the model's tool-call format, to one of ``tools`` (the one called
+        ``name``)."""
+        check_tools(tools)
+        if name is not None and name not in {t["function"]["name"] for t in tools}:
+            raise InvalidInputError(f"tool_choice names {name!r}, which is not among the tools")
+        spec = json.dumps({"tools": [dict(t) for t in tools], "name": name})
+        return cls((JsonForm(spec, tool_call=True),))
 
     def or_else(self, other: OutputConstraint) -> OutputConstraint:
         """An answer in a form of this constraint or of ``other`` (a tool call, or a final

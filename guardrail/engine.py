@@ -294,7 +294,8 @@ class GuardedVLM:
             call.plan, call.request, self.config, model_id=self.fingerprint.id, outcome=outcome
         )
         log_decision(decision)
-        return output_of(answer, decision, self.tokenizer, call.request.tools, text)
+        tools, fmt = call.request.tools, self.backend.tool_format
+        return output_of(answer, decision, self.tokenizer, tools, text, fmt)
 
     def generate(
         self,

@@ -10,7 +10,8 @@ from pydantic import BaseModel
 
 from guardrail.backends.sessions import Answer
 from guardrail.decision import GuardDecision
-from guardrail.tools import InvalidToolCall, Tool, ToolCall, parse_tool_calls
+from guardrail.tool_formats import HERMES, ToolCallFormat
+from guardrail.tools import InvalidToolCall, Tool, ToolCall
 
 FinishReason = Literal["stop", "length", "tool_calls"]
 
@@ -43,9 +44,11 @@ class GuardedOutput:
         return self.text if self.content is None else self.content
 
 
-def with_tool_calls(output: GuardedOutput, tools: Sequence[Tool]) -> GuardedOutput:
-    """``output`` with the tool calls in its text parsed out."""
-    content, calls, invalid = parse_tool_calls(output.text, tools)
+def with_tool_calls(
+    output: GuardedOutput, tools: Sequence[Tool], fmt: ToolCallFormat = HERMES
+) -> GuardedOutput:
+    """``output`` with the tool calls in its text (written in ``fmt``) parsed out."""
+    content, calls, invalid = fmt.parse(output.text, tools)
     reason: FinishReason = "tool_calls" if calls else output.finish_reason
     return replace(
         output,
@@ -62,6 +65,7 @@ def output_of(
     tokenizer: Any,
     tools: Sequence[Tool] = (),
     text: str | None = None,
+    fmt: ToolCallFormat = HERMES,
 ) -> GuardedOutput:
     """The output of a finished request: its text (``text`` when a stop string cut it), token
     counts and finish reason (with the tool calls parsed out when tools were offered)."""
@@ -75,4 +79,4 @@ def output_of(
         text = tokenizer.decode(tokens, skip_special_tokens=True)
     reason: FinishReason = "length" if answer.finished == "length" else "stop"
     output = GuardedOutput(text, tokens, decision, usage, reason)
-    return with_tool_calls(output, tools) if tools else output
+    return with_tool_calls(output, tools, fmt) if tools else output

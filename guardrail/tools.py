@@ -1,4 +1,4 @@
-"""Tools in the prompt and tool calls in the answer.
+"""Tools and tool calls: definitions, calls, and the conversation helpers around them.
 
 Tools are OpenAI-style function definitions (``{"type": "function", "function": {"name",
 "description", "parameters"}}``). Conversations carry them the way transformers chat templates
@@ -6,44 +6,34 @@ expect: an assistant message may hold ``tool_calls`` (``{"type": "function", "id
 "function": {"name", "arguments": {...}}}``) and a ``tool`` message holds a tool's result.
 
 A chat template that takes ``tools`` renders all of this itself. For one that does not (it
-would silently drop them), :func:`prompt_messages` writes the documented format below into the
-conversation, the one Hermes-style models (Qwen2.5, SmolLM3...) are trained on:
+would silently drop them), :func:`prompt_messages` writes it into the conversation in the
+model family's tool-call format (:mod:`guardrail.tool_formats`; Hermes by default):
 
-* the tool definitions, one JSON object per line inside ``<tools></tools>``, at the end of the
-  system turn (a system turn is added if there is none);
-* each earlier tool call as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` in the
-  assistant's text;
+* the tool listing at the end of the system turn (a system turn is added if there is none);
+* each earlier tool call written as the format writes calls, in the assistant's text;
 * each tool result as a user turn ``<tool_response>...</tool_response>`` (its images kept).
-
-Answers are parsed from the same ``<tool_call>`` format (:func:`parse_tool_calls`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from guardrail.errors import InvalidInputError
 
 Tool = Mapping[str, Any]
 Message = dict[str, Any]
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-_TOOL_CALL = re.compile(
-    re.escape(TOOL_CALL_OPEN) + r"\s*(.*?)\s*(?:" + re.escape(TOOL_CALL_CLOSE) + r"|\Z)", re.S
-)
-TOOL_INSTRUCTIONS = (
-    "You may call one or more functions to assist with the user query. The function "
-    "signatures are within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
-    "For each function call, return a JSON object with the function name and arguments within "
-    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
-    "<args-json-object>}}\n</tool_call>"
-)
+
+class CallWriter(Protocol):
+    """What :func:`prompt_messages` needs of a tool-call format."""
+
+    def write(self, name: str, arguments: Mapping[str, Any]) -> str: ...
+
+    def listing(self, tools: Sequence[Tool]) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -57,7 +47,7 @@ class ToolCall:
 
 @dataclass(frozen=True)
 class InvalidToolCall:
-    """A ``<tool_call>`` block that could not be read as a call to one of the tools."""
+    """A tool call in the answer that could not be read as a call to one of the tools."""
 
     text: str
     error: str
@@ -94,9 +84,11 @@ def takes_tools(chat_template: str | None) -> bool:
     return "tools" in meta.find_undeclared_variables(Environment().parse(chat_template))
 
 
-def prompt_messages(messages: Sequence[Message], tools: Sequence[Tool]) -> list[Message]:
-    """``messages`` with tools, tool calls and tool results written as text (for a template
-    that does not take tools); see the module docstring for the format."""
+def prompt_messages(
+    messages: Sequence[Message], tools: Sequence[Tool], fmt: CallWriter
+) -> list[Message]:
+    """``messages`` with tools, tool calls and tool results written as text in ``fmt`` (for a
+    template that does not take tools); see the module docstring."""
     out: list[Message] = []
     for message in messages:
         if message["role"] == "tool":
@@ -105,13 +97,13 @@ def prompt_messages(messages: Sequence[Message], tools: Sequence[Tool]) -> list[
         calls = message.get("tool_calls") or []
         message = {k: v for k, v in message.items() if k not in ("tool_calls", "tool_call_id")}
         if calls:
-            written = "\n".join(_written_call(call) for call in calls)
+            written = "\n".join(_written_call(call, fmt) for call in calls)
             message["content"] = _joined(message.get("content") or "", written)
         out.append(message)
     out = [_settled(message) for message in out]
     if not tools:
         return out
-    listing = TOOL_INSTRUCTIONS.format(tools="\n".join(json.dumps(dict(t)) for t in tools))
+    listing = fmt.listing(tools)
     if out and out[0]["role"] == "system":
         out[0] = {**out[0], "content": _joined(out[0]["content"], listing, "\n\n")}
     else:
@@ -119,75 +111,12 @@ def prompt_messages(messages: Sequence[Message], tools: Sequence[Tool]) -> list[
     return out
 
 
-def parse_tool_calls(
-    text: str, tools: Sequence[Tool]
-) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-    """Split an answer into its text and its ``<tool_call>`` blocks (the last may lack its
-    closing tag when generation stopped after it); a block that is not JSON naming one of
-    ``tools`` with an object of arguments is returned as an :class:`InvalidToolCall`."""
-    known = {tool_name(tool) for tool in tools}
-    calls: list[ToolCall] = []
-    invalid: list[InvalidToolCall] = []
-    for block in _TOOL_CALL.findall(text):
-        try:
-            data = json.loads(block)
-        except json.JSONDecodeError as e:
-            invalid.append(InvalidToolCall(block, f"not JSON: {e}"))
-            continue
-        name = data.get("name") if isinstance(data, dict) else None
-        arguments = data.get("arguments", data.get("parameters")) if isinstance(data, dict) else {}
-        if isinstance(arguments, str):
-            with contextlib.suppress(json.JSONDecodeError):
-                arguments = json.loads(arguments)
-        if not isinstance(name, str) or name not in known:
-            invalid.append(InvalidToolCall(block, f"unknown tool {name!r}", name))
-        elif not isinstance(arguments, dict):
-            invalid.append(InvalidToolCall(block, "arguments are not a JSON object", name))
-        else:
-            calls.append(ToolCall(name, arguments))
-    content = _TOOL_CALL.sub("", text).strip() if calls or invalid else text
-    return content, calls, invalid
-
-
-def call_schema(tools: Sequence[Tool], name: str | None = None) -> dict[str, Any]:
-    """JSON schema of one call ``{"name": ..., "arguments": {...}}`` to any of ``tools``, or to
-    the tool called ``name``."""
-    chosen = [tool for tool in tools if name is None or tool_name(tool) == name]
-    if not chosen:
-        raise InvalidInputError(
-            f"tool_choice names {name!r}, which is not among the tools "
-            f"{[tool_name(t) for t in tools]}"
-        )
-    options = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": tool_name(tool)},
-                "arguments": _arguments_schema(tool),
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for tool in chosen
-    ]
-    return options[0] if len(options) == 1 else {"anyOf": options}
-
-
-def _arguments_schema(tool: Tool) -> dict[str, Any]:
-    """A tool's parameter schema; one that names no parameters takes none (``{}``)."""
-    parameters = dict(tool["function"].get("parameters") or {})
-    if not parameters.get("properties"):
-        return {"type": "object", "properties": {}, "additionalProperties": False}
-    return parameters
-
-
-def _written_call(call: Mapping[str, Any]) -> str:
+def _written_call(call: Mapping[str, Any], fmt: CallWriter) -> str:
     function = call.get("function", call)
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
         arguments = json.loads(arguments) if arguments.strip() else {}
-    body = json.dumps({"name": function["name"], "arguments": arguments})
-    return f"{TOOL_CALL_OPEN}\n{body}\n{TOOL_CALL_CLOSE}"
+    return fmt.write(function["name"], arguments)
 
 
 def _append_tool_response(out: list[Message], message: Message) -> None:

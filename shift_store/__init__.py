@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from shift_store.base import (
     ShiftKey,
@@ -14,6 +16,8 @@ from shift_store.base import (
 )
 from shift_store.cache import CachedShiftSource, Lookup
 from shift_store.local import LocalShiftStore
+from shift_store.local import open_url as local_url
+from shift_store.signing import SignedStore
 from shift_store.vector import (
     FORMAT_VERSION,
     ModelFingerprint,
@@ -23,7 +27,41 @@ from shift_store.vector import (
     ShiftVector,
 )
 
-_OWN_PARAMS = {"namespace", "ttl", "retries", "key_env"}
+# Opens a store from its URL's parts: (parsed URL, query parameters, namespace) -> store.
+StoreOpener = Callable[[SplitResult, dict[str, str], str], ShiftStore]
+STORE_SCHEMES_GROUP = "cmrm_guardrail.stores"
+_OPENERS: dict[str, StoreOpener] = {}
+
+
+def register_store_scheme(scheme: str, opener: StoreOpener) -> None:
+    """Open URLs of ``scheme`` with ``opener`` (packages register theirs as entry points of the
+    ``cmrm_guardrail.stores`` group, named after the scheme)."""
+    _OPENERS[scheme] = opener
+
+
+def _opener(scheme: str) -> StoreOpener:
+    if scheme not in _OPENERS:
+        for point in entry_points(group=STORE_SCHEMES_GROUP, name=scheme):
+            _OPENERS[scheme] = point.load()
+    if scheme not in _OPENERS:
+        known = sorted({*_OPENERS, *(p.name for p in entry_points(group=STORE_SCHEMES_GROUP))})
+        raise ValueError(f"unsupported shift store URL scheme {scheme!r}; known: {known}")
+    return _OPENERS[scheme]
+
+
+def _redis(url: SplitResult, params: dict[str, str], namespace: str) -> ShiftStore:
+    from shift_store.redis_store import open_url  # redis-py loads only when used
+
+    return open_url(url, params, namespace)
+
+
+for _scheme, _open in (
+    ("file", local_url),
+    ("redis", _redis),
+    ("rediss", _redis),
+    ("unix", _redis),
+):
+    register_store_scheme(_scheme, _open)
 
 
 def open_store(
@@ -32,34 +70,26 @@ def open_store(
     """Open a store from a URL; ``namespace`` applies unless the URL names one.
 
     With a signing key (``signing_key``, or the URL parameter ``key_env`` naming an environment
-    variable that holds it), vectors are signed with HMAC-SHA256 on put, and a vector that is
-    unsigned or signed with another key is refused on every get.
+    variable that holds it), the store is wrapped in a :class:`SignedStore`.
 
     * ``None`` - a :class:`LocalShiftStore` in the user cache folder (the embedded default);
     * ``file:///path`` - a :class:`LocalShiftStore` in ``/path``;
     * ``redis://[user:pass@]host:port/db``, ``rediss://`` (TLS), ``unix:///path.sock`` - a
       :class:`RedisShiftStore`. Query parameters: ``namespace``, ``ttl`` (seconds), ``retries``,
-      and redis-py's own (``socket_timeout``, ``socket_connect_timeout``, ``max_connections``...).
+      and redis-py's own (``socket_timeout``, ``socket_connect_timeout``, ``max_connections``...);
+    * any other scheme registered with :func:`register_store_scheme` or an entry point.
     """
+    params: dict[str, str] = {}
     if url is None:
-        return LocalShiftStore(namespace=namespace, signing_key=signing_key)
-    parts = urlsplit(url)
-    params = dict(parse_qsl(parts.query))
-    namespace = params.get("namespace", namespace)
+        store: ShiftStore = LocalShiftStore(namespace=namespace)
+    else:
+        parts = urlsplit(url)
+        params = dict(parse_qsl(parts.query))
+        opened = _opener(parts.scheme)(parts, params, params.get("namespace", namespace))
+        store = opened
     if "key_env" in params:
         signing_key = _key_from_env(params["key_env"])
-    if parts.scheme == "file":
-        return LocalShiftStore(parts.path, namespace=namespace, signing_key=signing_key)
-    if parts.scheme in ("redis", "rediss", "unix"):
-        from shift_store.redis_store import RedisShiftStore, make_client
-
-        rest = urlencode({k: v for k, v in params.items() if k not in _OWN_PARAMS})
-        client = make_client(
-            urlunsplit(parts._replace(query=rest)), retries=int(params.get("retries", 2))
-        )
-        ttl = int(params["ttl"]) if "ttl" in params else None
-        return RedisShiftStore(client, namespace=namespace, ttl_s=ttl, signing_key=signing_key)
-    raise ValueError(f"unsupported shift store URL scheme {parts.scheme!r} in {url!r}")
+    return store if signing_key is None else SignedStore(store, signing_key)
 
 
 def _key_from_env(name: str) -> bytes:
@@ -81,8 +111,10 @@ __all__ = [
     "ShiftSignatureError",
     "ShiftStore",
     "ShiftVector",
+    "SignedStore",
     "StoreError",
     "StoreUnavailableError",
     "StoredShift",
     "open_store",
+    "register_store_scheme",
 ]

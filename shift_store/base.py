@@ -9,15 +9,10 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
 
+from shift_store.errors import StoreError, StoreUnavailableError
 from shift_store.vector import FORMAT_VERSION, ShiftMeta, ShiftVector
 
-
-class StoreError(Exception):
-    """Base class of shift store errors."""
-
-
-class StoreUnavailableError(StoreError, ConnectionError):
-    """The store cannot be reached (server down, timeout, permission denied)."""
+__all__ = ["ShiftKey", "ShiftStore", "StoreError", "StoreUnavailableError", "StoredShift"]
 
 
 class ShiftKey(BaseModel):
@@ -73,7 +68,7 @@ class ShiftStore(Protocol):
     """
 
     namespace: str
-    signed: bool  # a signing key is set: vectors are signed on put and verified on every get
+    signed: bool  # vectors are signed on put and verified on every get (SignedStore)
 
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
         """The vector and its version, or None. Raises ``ShiftFormatError`` on damaged data."""

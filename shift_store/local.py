@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import SplitResult
 
 import platformdirs
 from filelock import FileLock
@@ -53,10 +54,8 @@ class LocalShiftStore:
         self,
         folder: str | Path | None = None,
         namespace: str = "default",
-        signing_key: bytes | None = None,
     ) -> None:
-        self._signing_key = signing_key
-        self.signed = signing_key is not None
+        self.signed = False
         root = Path(folder or platformdirs.user_cache_dir("cmrm-guardrail")) / "shifts"
         self.namespace = namespace
         self.folder = root / namespace
@@ -86,7 +85,7 @@ class LocalShiftStore:
         except FileNotFoundError:
             return None
         try:
-            return ShiftVector.from_bytes(payload, self._signing_key), version
+            return ShiftVector.from_bytes(payload), version
         except ShiftFormatError as e:
             log.warning("rejected shift file %s: %s", path, e)
             raise
@@ -96,7 +95,7 @@ class LocalShiftStore:
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f"{_TMP}{os.getpid()}-", suffix=_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(vector.to_bytes(self._signing_key))
+                f.write(vector.to_bytes())
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self._path(key))
@@ -156,3 +155,8 @@ class LocalShiftStore:
             yield True
         finally:
             lock.release()
+
+
+def open_url(url: SplitResult, params: dict[str, str], namespace: str) -> LocalShiftStore:
+    """``file:///path``: a store in ``/path`` (the ``file`` scheme's opener)."""
+    return LocalShiftStore(url.path, namespace=namespace)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import SplitResult, urlencode, urlunsplit
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff
@@ -56,13 +57,11 @@ class RedisShiftStore:
         client: redis.Redis,
         namespace: str = "default",
         ttl_s: int | None = None,
-        signing_key: bytes | None = None,
     ) -> None:
         self.client = client
         self.namespace = namespace
         self.ttl_s = ttl_s
-        self._signing_key = signing_key
-        self.signed = signing_key is not None
+        self.signed = False
         self._prefix = f"cmrm:{namespace}:"
 
     def __repr__(self) -> str:
@@ -92,7 +91,7 @@ class RedisShiftStore:
         if payload is None:
             return None
         try:
-            vector = ShiftVector.from_bytes(payload, self._signing_key)
+            vector = ShiftVector.from_bytes(payload)
         except ShiftFormatError as e:
             log.warning("rejected shift under %s: %s", self.redis_key(key), e)
             raise
@@ -104,7 +103,7 @@ class RedisShiftStore:
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
         name = self.redis_key(key)
         mapping: dict[bytes | bytearray | memoryview | str | int | float, bytes | str] = {
-            "payload": vector.to_bytes(self._signing_key),
+            "payload": vector.to_bytes(),
             "meta": vector.meta.model_dump_json(),
             "sha256": vector.checksum,
         }
@@ -161,3 +160,17 @@ def _text(value: bytes, where: str) -> str:
         return value.decode("ascii")
     except UnicodeDecodeError as e:
         raise ShiftFormatError(f"damaged version field under {where}: {e}") from e
+
+
+_OWN_PARAMS = {"namespace", "ttl", "retries", "key_env"}
+
+
+def open_url(url: SplitResult, params: dict[str, str], namespace: str) -> RedisShiftStore:
+    """``redis://``, ``rediss://``, ``unix://``: the Redis schemes' opener (``ttl`` and
+    ``retries`` are ours, the other query parameters redis-py's)."""
+    rest = urlencode({k: v for k, v in params.items() if k not in _OWN_PARAMS})
+    client = make_client(
+        urlunsplit(url._replace(query=rest)), retries=int(params.get("retries", 2))
+    )
+    ttl = int(params["ttl"]) if "ttl" in params else None
+    return RedisShiftStore(client, namespace=namespace, ttl_s=ttl)

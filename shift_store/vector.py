@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import BinaryIO, Literal
 
@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from shift_store.errors import StoreError
+
 FORMAT_VERSION = 2  # 2: the checksum covers the metadata; optional HMAC signature
 _TENSOR = "shift"
 _OPTIONAL_TENSORS = ("decode_vectors", "anchor_mean", "anchor_std")
@@ -26,7 +28,7 @@ _SIGNATURE = "hmac-sha256"
 _MAX_HEADER = 1 << 20
 
 
-class ShiftFormatError(ValueError):
+class ShiftFormatError(StoreError, ValueError):
     """A serialized shift vector cannot be parsed, or its checksum, shape or dtype is wrong."""
 
 
@@ -87,6 +89,7 @@ class ShiftVector:
     decode_vectors: torch.Tensor | None = None
     anchor_mean: torch.Tensor | None = None
     anchor_std: torch.Tensor | None = None
+    signature: str | None = field(default=None, repr=False, compare=False)  # HMAC, if signed
     checksum: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -108,9 +111,20 @@ class ShiftVector:
         digest.update(self.meta.model_dump_json().encode())  # metadata is covered too
         object.__setattr__(self, "checksum", digest.hexdigest())
 
-    def signature(self, key: bytes) -> str:
-        """HMAC-SHA256 of the checksum (so of every tensor and the metadata) under ``key``."""
+    def _hmac(self, key: bytes) -> str:
         return hmac.new(key, self.checksum.encode(), hashlib.sha256).hexdigest()
+
+    def signed(self, key: bytes) -> ShiftVector:
+        """This vector with its HMAC-SHA256 signature under ``key`` (over the checksum, so over
+        every tensor and the metadata)."""
+        return replace(self, signature=self._hmac(key))
+
+    def verify(self, key: bytes) -> None:
+        """Raise :class:`ShiftSignatureError` unless signed with ``key``."""
+        if self.signature is None:
+            raise ShiftSignatureError("unsigned shift vector refused: a signing key is set")
+        if not hmac.compare_digest(self.signature, self._hmac(key)):
+            raise ShiftSignatureError("shift vector signature does not match the key")
 
     @property
     def norms(self) -> torch.Tensor:
@@ -118,12 +132,12 @@ class ShiftVector:
         norms: torch.Tensor = self.vectors.norm(dim=-1)
         return norms
 
-    def to_bytes(self, signing_key: bytes | None = None) -> bytes:
-        """Serialize as safetensors, metadata and checksum inside (and an HMAC signature with
-        ``signing_key``). Never pickle."""
+    def to_bytes(self) -> bytes:
+        """Serialize as safetensors, metadata, checksum and any signature inside. Never
+        pickle."""
         header = {_META: self.meta.model_dump_json(), "sha256": self.checksum}
-        if signing_key is not None:
-            header[_SIGNATURE] = self.signature(signing_key)
+        if self.signature is not None:
+            header[_SIGNATURE] = self.signature
         tensors = {_TENSOR: self.vectors.contiguous()}
         for name in _OPTIONAL_TENSORS:
             if getattr(self, name) is not None:
@@ -131,26 +145,21 @@ class ShiftVector:
         return st_save(tensors, metadata=header)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, signing_key: bytes | None = None) -> ShiftVector:
-        """Parse :meth:`to_bytes` output; raise :class:`ShiftFormatError` on anything amiss,
-        and :class:`ShiftSignatureError` when ``signing_key`` is given and the payload is not
-        signed with it."""
+    def from_bytes(cls, payload: bytes) -> ShiftVector:
+        """Parse :meth:`to_bytes` output (a signature is read, not checked: see
+        :class:`~shift_store.signing.SignedStore`); raise :class:`ShiftFormatError` on anything
+        amiss."""
         try:
             tensors = st_load(payload)
             header = _safetensors_metadata(payload)
             meta = ShiftMeta.model_validate_json(header[_META])
             optional = {name: tensors.get(name) for name in _OPTIONAL_TENSORS}
-            vector = cls(vectors=tensors[_TENSOR], meta=meta, **optional)
+            signature = header.get(_SIGNATURE)
+            vector = cls(vectors=tensors[_TENSOR], meta=meta, **optional, signature=signature)
         except (SafetensorError, ValidationError, KeyError, ValueError, json.JSONDecodeError) as e:
             raise ShiftFormatError(f"unreadable shift payload: {e}") from e
         if vector.checksum != header.get("sha256"):
             raise ShiftFormatError("shift payload checksum mismatch")
-        if signing_key is not None:
-            signature = header.get(_SIGNATURE)
-            if signature is None:
-                raise ShiftSignatureError("unsigned shift vector refused: a signing key is set")
-            if not hmac.compare_digest(signature, vector.signature(signing_key)):
-                raise ShiftSignatureError("shift vector signature does not match the key")
         return vector
 
 

@@ -19,6 +19,18 @@ from tests.helpers import SHARED_REDIS
 
 torch.set_num_threads(2)
 
+# Real weights, model training, Ray clusters and example scripts: `pytest -m "not slow"` skips
+# them for a quick run (CI runs everything).
+_SLOW_FIXTURES = {"smollm_path", "smollm_vlm", "plain_smollm"}
+_SLOW_MODULES = {"test_organism", "test_server_ray", "test_examples", "test_langchain_standard"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_path():

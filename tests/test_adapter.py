@@ -746,3 +746,21 @@ def test_a_remote_image_in_the_history_is_not_fetched_every_turn(image_server):
     forgetful.fetch(url)
     forgetful.fetch(url)
     assert len(_Handler.hosts) == before + 3
+
+
+def test_guard_errors_are_also_langchains_provider_neutral_exceptions(
+    tiny_chat, tiny_path, tmp_path
+):
+    from langchain_core.exceptions import ModelAPIError, ModelInvalidRequestError
+
+    bad = HumanMessage(content=[{"type": "image", "base64": "@@@", "mime_type": "image/png"}])
+    with pytest.raises(InvalidImageError) as info:
+        tiny_chat.invoke([bad])
+    assert isinstance(info.value, ModelInvalidRequestError)
+    assert info.value.decision is not None and info.value.decision.mode_used == "refused"
+    empty = f"file://{tmp_path}"  # not calibrated: mode=dataset fails closed
+    closed = ChatGuardedVLM(model=str(tiny_path), app="closed", mode="dataset", store=empty)
+    with pytest.raises(GuardUnavailableError) as unavailable:
+        closed.invoke([openai_image()])
+    assert isinstance(unavailable.value, ModelAPIError) and unavailable.value.is_retryable
+    assert unavailable.value.decision.mode_used == "unguarded"

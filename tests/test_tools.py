@@ -10,7 +10,8 @@ import torch
 from guardrail import GuardConfig, GuardedVLM, GuardRequest, InvalidInputError
 from guardrail.constraints import OutputConstraint
 from guardrail.images import corruption_image
-from guardrail.tools import parse_tool_calls, prompt_messages, takes_tools
+from guardrail.tool_formats import HERMES
+from guardrail.tools import prompt_messages, takes_tools
 
 ADD = {
     "type": "function",
@@ -74,7 +75,7 @@ def test_templates_without_tools_get_the_documented_format():
         {"role": "tool", "tool_call_id": "1", "content": "7"},
         {"role": "tool", "tool_call_id": "2", "content": [{"type": "image"}]},
     ]
-    out = prompt_messages(messages, [ADD])
+    out = prompt_messages(messages, [ADD], HERMES)
     assert [m["role"] for m in out] == ["system", "user", "assistant", "user"]
     assert "<tools>\n" + json.dumps(ADD) + "\n</tools>" in out[0]["content"]
     assert (
@@ -95,7 +96,9 @@ def test_templates_without_tools_get_the_documented_format():
     ]
     assert out[3]["content"][5] == {"type": "image"}
     # an existing system turn is extended, not replaced
-    out = prompt_messages([{"role": "system", "content": "Be brief."}, *messages[:1]], [ADD])
+    out = prompt_messages(
+        [{"role": "system", "content": "Be brief."}, *messages[:1]], [ADD], HERMES
+    )
     assert out[0]["content"].startswith("Be brief.\n\nYou may call")
 
 
@@ -106,7 +109,7 @@ def test_tool_calls_are_parsed_and_bad_ones_reported():
         "<tool_call>{not json</tool_call>"
         '<tool_call>{"name": "weather", "arguments": "{\\"city\\": \\"Oslo\\"}"}'  # unterminated
     )
-    content, calls, invalid = parse_tool_calls(text, [ADD, WEATHER])
+    content, calls, invalid = HERMES.parse(text, [ADD, WEATHER])
     assert content == "Let me add."
     assert [(c.name, c.arguments) for c in calls] == [
         ("add", {"a": 1, "b": 2}),
@@ -117,7 +120,7 @@ def test_tool_calls_are_parsed_and_bad_ones_reported():
         (None, "not JSON"),
     ]
     assert len({c.id for c in calls + invalid}) == 4
-    assert parse_tool_calls("no calls here ", [ADD]) == ("no calls here ", [], [])
+    assert HERMES.parse("no calls here ", [ADD]) == ("no calls here ", [], [])
 
 
 def test_bad_tools_and_placeholders_in_tool_calls_are_refused(tiny_vlm):

@@ -24,6 +24,7 @@ from guardrail.config import Positions, Stacking
 from guardrail.constraints import OutputConstraint
 from guardrail.families import ModelFamily
 from guardrail.requests import Rendering
+from guardrail.tool_formats import ToolCallFormat
 from shift_store import ModelFingerprint, ShiftVector
 
 Inputs = dict[str, torch.Tensor]
@@ -138,6 +139,7 @@ class Backend(Protocol):
     placeholders: tuple[str, ...]  # image/video placeholder tokens, never allowed in user text
     tokenizer: PreTrainedTokenizerBase
     takes_tools: bool  # the chat template renders tools itself
+    tool_format: ToolCallFormat  # how the model writes tool calls (its family's format)
 
     def default_image_size(self) -> tuple[int, int]:
         """(width, height) of the corruption image for a prompt without an image."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -9,12 +10,20 @@ import torch
 import xgrammar as xgr
 
 from guardrail.constraints import JsonForm, OutputConstraint
+from guardrail.tool_formats import HERMES, ToolCallFormat
 
 
 class GrammarCompiler:
     """Compiles :class:`OutputConstraint` s for one tokenizer (compiled grammars are cached)."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: set[int]) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: set[int],
+        tool_format: ToolCallFormat = HERMES,
+    ) -> None:
+        self._format = tool_format
         info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
         )
@@ -26,7 +35,9 @@ class GrammarCompiler:
     def compile(self, constraint: OutputConstraint) -> xgr.CompiledGrammar:
         with self._lock:
             if constraint not in self._compiled:
-                self._compiled[constraint] = self._compiler.compile_grammar(_grammar(constraint))
+                self._compiled[constraint] = self._compiler.compile_grammar(
+                    _grammar(constraint, self._format)
+                )
             return self._compiled[constraint]
 
     def matcher(self, constraint: OutputConstraint) -> RequestGrammar:
@@ -34,9 +45,18 @@ class GrammarCompiler:
         return RequestGrammar(self.compile(constraint), self.vocab_size)
 
 
-def _grammar(constraint: OutputConstraint) -> xgr.Grammar:
-    forms = [_form(form) for form in constraint.forms]
+def _grammar(constraint: OutputConstraint, tool_format: ToolCallFormat) -> xgr.Grammar:
+    forms = [_form(_written(form, tool_format)) for form in constraint.forms]
     return forms[0] if len(forms) == 1 else xgr.Grammar.union(*forms)
+
+
+def _written(form: JsonForm, tool_format: ToolCallFormat) -> JsonForm:
+    """A tool-call form as the model's format writes one call."""
+    if not form.tool_call or form.schema is None:
+        return form
+    spec = json.loads(form.schema)
+    schema = json.dumps(tool_format.call_schema(spec["tools"], spec["name"]))
+    return JsonForm(schema, tool_format.prefix, tool_format.suffix)
 
 
 def _form(form: JsonForm) -> xgr.Grammar:

@@ -24,6 +24,7 @@ from guardrail.backends.processors import load_processor
 from guardrail.backends.transformers_batch import TransformersBatch
 from guardrail.families import ModelFamily, family_for, family_named
 from guardrail.requests import Rendering
+from guardrail.tool_formats import tool_format
 from guardrail.tools import prompt_messages, takes_tools
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,11 @@ class TransformersBackend:
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
         template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.takes_tools = takes_tools(template if isinstance(template, str) else None)
-        if self.takes_tools and self.family.tool_call_format != "hermes":
+        self.tool_format = tool_format(self.family.tool_call_format)
+        if self.takes_tools and self.family.tool_call_format is None:
             logger.warning(
                 "the %s chat template renders tools itself, but the family names no tool call "
-                "format: answers are parsed as <tool_call>{json}</tool_call> blocks",
+                "format: answers are parsed in the Hermes format",
                 self.family.name,
             )
         self._grammars: GrammarCompiler | None = None
@@ -133,7 +135,7 @@ class TransformersBackend:
         them, else in the documented prompt format of :mod:`guardrail.tools`)."""
         messages, tools = rendering.messages, rendering.tools
         if not self.takes_tools:
-            messages, tools = prompt_messages(messages, tools), ()
+            messages, tools = prompt_messages(messages, tools, self.tool_format), ()
         text = self.processor.apply_chat_template(
             messages,
             tools=[dict(t) for t in tools] or None,
@@ -146,7 +148,9 @@ class TransformersBackend:
         """The compiler of this model's answer constraints (built on first use)."""
         if self._grammars is None:
             vocab = int(self.model.get_output_embeddings().weight.shape[0])
-            self._grammars = GrammarCompiler(self.tokenizer, vocab, self.stop_token_ids())
+            self._grammars = GrammarCompiler(
+                self.tokenizer, vocab, self.stop_token_ids(), self.tool_format
+            )
         return self._grammars
 
     def open_batch(self) -> TransformersBatch:

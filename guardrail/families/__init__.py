@@ -46,6 +46,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         ("mllama",),
         images_per_row=True,
         image_entry="cross-attention",
+        tool_call_format="llama3_json",
         trim_arguments=(
             *TRIM_ARGUMENTS,
             "cross_attention_states",

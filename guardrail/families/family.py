@@ -41,10 +41,10 @@ class ModelFamily:
     * ``processor_class`` / ``image_processor_class`` - for processors that need a video
       processor (and so torchvision): the import paths used to build one with the slow (PIL)
       image processor and no video support when torchvision is missing.
-    * ``tool_call_format`` - how the family's chat models write tool calls (``hermes``:
-      ``<tool_call>{json}</tool_call>``), None when unknown. Only the Hermes format is parsed
-      (:mod:`guardrail.tools`); a template that takes tools in a family without it gets a
-      warning at load.
+    * ``tool_call_format`` - how the family's chat models write tool calls: a name of
+      :data:`guardrail.tool_formats.TOOL_FORMATS` (``hermes``, ``llama3_json``, ``mistral`` or
+      one registered with ``register_tool_format``); None: Hermes, with a warning at load when
+      the chat template takes tools.
     """
 
     name: str

@@ -29,7 +29,6 @@ from guardrail.service.apps import AppSpec
 from guardrail.service.handle import CallHandle
 from guardrail.service.scheduler import Job, Scheduler
 from guardrail.service.text_stream import TextStream
-from guardrail.tools import TOOL_CALL_OPEN
 from guardrail.trust import POLICIES, ImageSource, TrustInput, TrustPolicy
 from shift_store import Lookup, open_store
 
@@ -185,7 +184,7 @@ class GuardService:
         request = self._classified(app, call, started)
         call_id = uuid.uuid4().hex
         prepared = app.vlm.prepare(request, call.sampling, request_id=call_id, started=started)
-        markers = [TOOL_CALL_OPEN] if request.tools else []
+        markers = [app.vlm.backend.tool_format.marker] if request.tools else []
         stream = TextStream(app.vlm.tokenizer, call.stop, markers)
         handle = CallHandle(call_id, self.scheduler.cancel)
 
