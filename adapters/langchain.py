@@ -10,32 +10,27 @@ callbacks as the custom event ``guardrail_decision``.
 
 from __future__ import annotations
 
-import json
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 from langchain_core.caches import BaseCache
-from langchain_core.callbacks import CallbackManager, CallbackManagerForLLMRun
+from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
+from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import RunnableConfig, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
-from langchain_core.utils.utils import LC_ID_PREFIX
 from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from adapters.caching import GuardedCache, cache_key_params
 from adapters.conversation import answer_constraint, tool_choice_value
 from adapters.langchain_errors import langchain_errors
+from adapters.langchain_events import DecisionEvents
 from adapters.langchain_tools import ToolBinding
-from adapters.messages import to_conversation
+from adapters.messages import to_conversation, to_message
 from adapters.remote_images import RemoteImageFetcher
-from guardrail import GuardConfig, GuardedOutput, GuardedVLM, GuardRequest
+from guardrail import GuardConfig, GuardedVLM, GuardRequest
 from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.backends import Sampling
 from guardrail.config import fold_guard_fields
@@ -56,7 +51,7 @@ _CALL_ARGUMENTS = frozenset(
 )
 
 
-class ChatGuardedVLM(ToolBinding, BaseChatModel):
+class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
     """A local vision-language model behind CMRM, as a LangChain chat model.
 
     ``engine`` is a :class:`GuardService` (or a :class:`GuardedVLM`, served by a new one) to
@@ -247,96 +242,6 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
             self._key, request, sampling, sources, kw.get("trust"), stops, kw.get("max_time")
         )
 
-    def _message(self, output: GuardedOutput, cls: type = AIMessage, text: str = "") -> Any:
-        usage = UsageMetadata(
-            input_tokens=output.usage.prompt_tokens,
-            output_tokens=output.usage.completion_tokens,
-            total_tokens=output.usage.total_tokens,
-        )
-        invalid = output.invalid_tool_calls
-        if cls is AIMessageChunk:  # a stream's last chunk: the calls, each as one whole chunk
-            written: list[tuple[str | None, str, str]] = [
-                (c.name, json.dumps(c.arguments), c.id) for c in output.tool_calls
-            ]
-            written += [(c.name, c.text, c.id) for c in invalid]
-            calls: dict[str, Any] = {
-                "tool_call_chunks": [
-                    tool_call_chunk(name=name, args=args, id=id_, index=i)
-                    for i, (name, args, id_) in enumerate(written)
-                ]
-            }
-        else:
-            text = output.answer
-            calls = {
-                "tool_calls": [
-                    tool_call(name=c.name, args=c.arguments, id=c.id) for c in output.tool_calls
-                ],
-                "invalid_tool_calls": [
-                    invalid_tool_call(name=c.name, args=c.text, id=c.id, error=c.error)
-                    for c in invalid
-                ],
-            }
-        metadata = {
-            "model_name": self.model,
-            "model_provider": "cmrm-guardrail",
-            "finish_reason": output.finish_reason,
-            "safety": output.decision.model_dump(mode="json"),
-        }
-        return cls(content=text, usage_metadata=usage, response_metadata=metadata, **calls)
-
-    def _report(self, output: GuardedOutput, run_manager: CallbackManagerForLLMRun | None) -> None:
-        """The decision to the run's callbacks as the custom event ``guardrail_decision``."""
-        if run_manager is not None:
-            CallbackManager(
-                run_manager.handlers,
-                run_manager.inheritable_handlers,
-                parent_run_id=run_manager.parent_run_id,
-                tags=run_manager.tags,
-                metadata=run_manager.metadata,
-            ).on_custom_event(
-                "guardrail_decision",
-                output.decision.model_dump(mode="json"),
-                run_id=run_manager.run_id,
-            )
-
-    def _announce(self, chunk: AIMessageChunk, config: RunnableConfig | None) -> None:
-        """The decision of a stream's last chunk to the stream's callbacks (LangChain runs
-        ``_stream`` without a run manager, so :meth:`_report` cannot)."""
-        safety = chunk.response_metadata.get("safety")
-        if not safety:
-            return
-        config = ensure_config(config)
-        run_id = (chunk.id or "").removeprefix(f"{LC_ID_PREFIX}-")
-        CallbackManager.configure(
-            config.get("callbacks"),
-            self.callbacks,
-            self.verbose,
-            config.get("tags"),
-            self.tags,
-            config.get("metadata"),
-            self.metadata,
-        ).on_custom_event(
-            "guardrail_decision", safety, run_id=uuid.UUID(run_id) if run_id else uuid.uuid4()
-        )
-
-    def stream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[AIMessageChunk]:
-        streams = self._should_stream(async_api=False, **{**kwargs, "stream": True})
-        for chunk in super().stream(input, config, **kwargs):
-            if streams:  # otherwise it ran invoke, which reported the decision itself
-                self._announce(chunk, config)
-            yield chunk
-
-    async def astream(
-        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> AsyncIterator[AIMessageChunk]:
-        streams = self._should_stream(async_api=True, **{**kwargs, "stream": True})
-        async for chunk in super().astream(input, config, **kwargs):
-            if streams:
-                self._announce(chunk, config)
-            yield chunk
-
     def _generate(
         self,
         messages: list[BaseMessage],
@@ -347,7 +252,7 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         with langchain_errors():
             output = self._service.submit(self._call(messages, stop, kwargs)).result()
         self._report(output, run_manager)
-        return ChatResult(generations=[ChatGeneration(message=self._message(output))])
+        return ChatResult(generations=[ChatGeneration(message=to_message(output, self.model))])
 
     def _stream(
         self,
@@ -369,4 +274,4 @@ class ChatGuardedVLM(ToolBinding, BaseChatModel):
         with langchain_errors():
             output = handle.result()
         self._report(output, run_manager)
-        yield ChatGenerationChunk(message=self._message(output, AIMessageChunk))
+        yield ChatGenerationChunk(message=to_message(output, self.model, chunk=True))

@@ -1,19 +1,24 @@
-"""LangChain messages to a :class:`~adapters.conversation.Conversation`: roles, text, images
-(with where they came from), tool calls and tool results."""
+"""LangChain messages to a :class:`~adapters.conversation.Conversation` (roles, text, images
+with where they came from, tool calls and tool results), and guarded outputs back to
+LangChain messages."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import (
     AIMessage,
+    AIMessageChunk,
     BaseMessage,
     ChatMessage,
     HumanMessage,
     SystemMessage,
     ToolMessage,
 )
+from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call, tool_call, tool_call_chunk
 
 from adapters.conversation import (
     Conversation,
@@ -22,9 +27,10 @@ from adapters.conversation import (
     image_from_url,
 )
 from adapters.remote_images import RemoteImageFetcher
+from guardrail import GuardedOutput
 from guardrail.trust import ImageSource
 
-__all__ = ["Conversation", "UnsupportedContentError", "to_conversation"]
+__all__ = ["Conversation", "UnsupportedContentError", "to_conversation", "to_message"]
 
 
 def _role(message: BaseMessage) -> str:
@@ -87,3 +93,41 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
                 extra["name"] = message.name
         conversation.add(role, parts, **extra)
     return conversation
+
+
+def to_message(output: GuardedOutput, model_name: str, chunk: bool = False) -> Any:
+    """A guarded output as an ``AIMessage`` (or, ``chunk``, a stream's last ``AIMessageChunk``:
+    no text, each tool call as one whole chunk), the decision in ``response_metadata``."""
+    usage = UsageMetadata(
+        input_tokens=output.usage.prompt_tokens,
+        output_tokens=output.usage.completion_tokens,
+        total_tokens=output.usage.total_tokens,
+    )
+    invalid = output.invalid_tool_calls
+    metadata = {
+        "model_name": model_name,
+        "model_provider": "cmrm-guardrail",
+        "finish_reason": output.finish_reason,
+        "safety": output.decision.model_dump(mode="json"),
+    }
+    if chunk:
+        written: list[tuple[str | None, str, str]] = [
+            (c.name, json.dumps(c.arguments), c.id) for c in output.tool_calls
+        ]
+        written += [(c.name, c.text, c.id) for c in invalid]
+        chunks = [
+            tool_call_chunk(name=name, args=args, id=id_, index=i)
+            for i, (name, args, id_) in enumerate(written)
+        ]
+        return AIMessageChunk(
+            content="", usage_metadata=usage, response_metadata=metadata, tool_call_chunks=chunks
+        )
+    return AIMessage(
+        content=output.answer,
+        usage_metadata=usage,
+        response_metadata=metadata,
+        tool_calls=[tool_call(name=c.name, args=c.arguments, id=c.id) for c in output.tool_calls],
+        invalid_tool_calls=[
+            invalid_tool_call(name=c.name, args=c.text, id=c.id, error=c.error) for c in invalid
+        ],
+    )

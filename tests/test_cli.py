@@ -145,6 +145,7 @@ def _run(*args: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow  # the SmolLM2 fixture, loaded by the command itself
 def test_demo_runs_offline_and_says_the_vision_tower_is_untrained(tmp_path):
     out = _run(
         "-m",
