@@ -97,6 +97,14 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         yield
 
     api = FastAPI(title="cmrm-guardrail", lifespan=lifespan)
+
+    @api.exception_handler(Exception)
+    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
+        """Anything unforeseen still answers in OpenAI's error shape (and is counted)."""
+        metrics.requests.labels("unknown", "500").inc()
+        body = error_body(f"internal error: {type(error).__name__}", "server_error")
+        return JSONResponse(body, status_code=500)
+
     api.state.runner = runner
 
     def running() -> Runner:
