@@ -12,8 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from guardrail.backends import BackendRequest, MeasuringBackend, Sampling, run_to_completion
-from guardrail.backends.hooks import CapturePlan
+from guardrail.backends import BackendRequest, CapturingBackend, Sampling, run_to_completion
 from guardrail.config import CorruptionSpec
 from guardrail.errors import InvalidInputError
 from guardrail.requests import GuardRequest, Rendering, corrupted, render_request, text_only
@@ -30,24 +29,19 @@ def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield chunk
 
 
-@torch.no_grad()
 def capture_states(
-    backend: MeasuringBackend,
+    backend: CapturingBackend,
     renderings: Sequence[Rendering],
     continuation: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every layer's hidden states at the last prompt token, and at each token of
     ``continuation`` (``[batch, k]`` ids appended to every prompt):
     ``[num_layers, batch, 1 + k, hidden]`` float32."""
-    span = 1 + (0 if continuation is None else continuation.shape[1])
-    layers = range(backend.num_layers)
-    plan = CapturePlan(layers, span)
-    backend.forward(backend.encode(renderings, continuation), plan, use_cache=False)
-    return plan.stacked(layers)
+    return backend.capture_states(renderings, continuation)
 
 
 def reference_shifts(
-    backend: MeasuringBackend,
+    backend: CapturingBackend,
     corruption: CorruptionSpec,
     renderings: Sequence[Rendering],
     continuation: torch.Tensor | None = None,
@@ -63,7 +57,7 @@ def reference_shifts(
 
 
 def text_only_continuation(
-    backend: MeasuringBackend, renderings: Sequence[Rendering], tokens: int
+    backend: CapturingBackend, renderings: Sequence[Rendering], tokens: int
 ) -> torch.Tensor:
     """The model's own greedy text-only answer, exactly ``tokens`` long: ``[batch, tokens]``."""
     sampling = Sampling(max_new_tokens=tokens, min_new_tokens=tokens)
@@ -85,7 +79,7 @@ class CalibrationSums:
 
 
 def dataset_shift_sums(
-    backend: MeasuringBackend,
+    backend: CapturingBackend,
     corruption: CorruptionSpec,
     samples: Iterable[str | GuardRequest],
     *,
@@ -142,7 +136,7 @@ def dataset_shift_sums(
 
 
 def compute_dataset_shift(
-    backend: MeasuringBackend,
+    backend: CapturingBackend,
     corruption: CorruptionSpec,
     samples: Iterable[str | GuardRequest],
     *,
@@ -189,7 +183,7 @@ def compute_dataset_shift(
 
 
 def compute_sample_shift(
-    backend: MeasuringBackend, corruption: CorruptionSpec, rendering: Rendering
+    backend: CapturingBackend, corruption: CorruptionSpec, rendering: Rendering
 ) -> ShiftVector:
     """``Δ`` at the last prompt token of one input (two prefill-only passes)."""
     delta = reference_shifts(backend, corruption, [rendering])[0][:, 0, 0].cpu()

@@ -45,6 +45,11 @@ class GuardDecision(BaseModel):
     batch: str | None = Field(
         default=None, description="id of the running batch this call was answered in"
     )
+    runtime_events: list[str] = Field(
+        default_factory=list,
+        description="what the runtime did to this call on the way (a sample-level request "
+        "recomputed after its lockstep broke, say)",
+    )
     reason: str
     added_latency_ms: float = Field(
         default=0.0,

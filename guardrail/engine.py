@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from guardrail.anchors import BUNDLED_ANCHORS, bundled_anchor_prompts
 from guardrail.backends import (
     Answer,
     BackendRequest,
+    CapturingBackend,
     Inputs,
     MeasuringBackend,
     Processor,
@@ -60,7 +61,7 @@ class GuardedVLM:
 
     def __init__(
         self,
-        backend: MeasuringBackend,
+        backend: CapturingBackend,
         config: GuardConfig | None = None,
         shifts: DatasetShifts | None = None,
     ) -> None:
@@ -257,7 +258,7 @@ class GuardedVLM:
 
     def encode(self, renderings: Sequence[Rendering]) -> Inputs:
         """The backend's model inputs for ``renderings`` (left-padded)."""
-        return self.backend.encode(renderings)
+        return self._measuring().encode(renderings)
 
     def prepare(
         self,
@@ -289,7 +290,13 @@ class GuardedVLM:
     ) -> GuardedOutput:
         """The output of a finished call (``text`` when a stop string cut it), with its one
         decision record (logged)."""
-        outcome = Outcome(batch_rows, call.prepared_ms, answer.live_shift_norm, answer.batch)
+        outcome = Outcome(
+            batch_rows,
+            call.prepared_ms,
+            answer.live_shift_norm,
+            answer.batch,
+            tuple(answer.notes),
+        )
         decision = decision_record(
             call.plan, call.request, self.config, model_id=self.fingerprint.id, outcome=outcome
         )
@@ -360,7 +367,7 @@ class GuardedVLM:
     ) -> tuple[torch.Tensor, list[GuardDecision]]:
         """Guarded logits at the first generated position (``[batch, vocab]`` float32)."""
         calls = [self.prepare(r) for r in requests]
-        logits, norms = self.backend.first_logits([c.backend_request for c in calls])
+        logits, norms = self._measuring().first_logits([c.backend_request for c in calls])
         decisions = [
             self.conclude(
                 c, Answer(live_shift_norm=norms.get(c.backend_request.id)), len(calls)
@@ -375,8 +382,17 @@ class GuardedVLM:
         calls = [self.prepare(r) for r in requests]
         last = self.backend.num_layers - 1
         capture = CapturePlan([last])
-        self.backend.first_logits([c.backend_request for c in calls], capture)
+        self._measuring().first_logits([c.backend_request for c in calls], capture)
         return capture.state(last)[: len(calls), 0].cpu()
+
+    def _measuring(self) -> MeasuringBackend:
+        """The backend, when it runs forward passes with any layer plan (evaluation)."""
+        if not hasattr(self.backend, "first_logits"):
+            raise GuardrailError(
+                f"{type(self.backend).__name__} reports states but runs no layer plans: "
+                "evaluate on the transformers backend"
+            )
+        return cast(MeasuringBackend, self.backend)
 
     def record_refusal(self, error: GuardrailError, app: str | None = None) -> None:
         """Log a ``refused`` decision for a request rejected as bad input, and attach it to

@@ -107,6 +107,7 @@ class Outcome:
     added_latency_ms: float = 0.0
     live_shift_norm: float | None = None
     batch: str | None = None
+    runtime_events: tuple[str, ...] = ()
 
 
 def decision_record(
@@ -139,6 +140,7 @@ def decision_record(
         fallbacks=fallbacks,
         batch_rows=outcome.batch_rows,
         batch=outcome.batch,
+        runtime_events=list(outcome.runtime_events),
         reason=plan.reason,
         added_latency_ms=round(outcome.added_latency_ms, 3) if plan.guarded else 0.0,
     )

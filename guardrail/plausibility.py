@@ -19,7 +19,7 @@ import torch
 
 from guardrail import calibration
 from guardrail.anchors import bundled_anchor_prompts
-from guardrail.backends import MeasuringBackend
+from guardrail.backends import CapturingBackend
 from guardrail.config import CorruptionSpec
 from shift_store import Lookup, ShiftVector
 
@@ -43,7 +43,7 @@ class PlausibilityCheck:
 
     def __init__(
         self,
-        backend: MeasuringBackend,
+        backend: CapturingBackend,
         corruption: CorruptionSpec,
         limits: PlausibilityLimits = PlausibilityLimits(),
     ) -> None:
@@ -95,12 +95,12 @@ class PlausibilityCheck:
         return found
 
 
-_CHECKS: weakref.WeakKeyDictionary[MeasuringBackend, dict[str, PlausibilityCheck]] = (
+_CHECKS: weakref.WeakKeyDictionary[CapturingBackend, dict[str, PlausibilityCheck]] = (
     weakref.WeakKeyDictionary()
 )
 
 
-def plausibility_check(backend: MeasuringBackend, corruption: CorruptionSpec) -> PlausibilityCheck:
+def plausibility_check(backend: CapturingBackend, corruption: CorruptionSpec) -> PlausibilityCheck:
     """The check of ``backend`` under ``corruption``, shared by every view of that model."""
     with _CHECKS_LOCK:
         checks = _CHECKS.setdefault(backend, {})

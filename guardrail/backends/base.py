@@ -89,7 +89,8 @@ class BackendRequest:
 class StepEvent:
     """What one step did for one request: a new ``token`` (None when the step produced none),
     ``finished`` once the request is done, the ``batch`` it ran in, the live ‖Δ‖ at the prompt
-    of a sample-level request (on its first event) and the ``error`` that ended it, if any."""
+    of a sample-level request (on its first event), the ``error`` that ended it, if any, and
+    ``notes`` on what the runtime did to it (a recomputation after preemption, say)."""
 
     request_id: str
     token: int | None
@@ -98,6 +99,7 @@ class StepEvent:
     live_shift_norm: float | None = None
     prompt_tokens: int | None = None  # on the first event: the request's prompt length
     error: BaseException | None = None
+    notes: tuple[str, ...] = ()  # on the last event: what the runtime did to it (recomputed)
 
 
 class BatchSession(Protocol):
@@ -154,8 +156,21 @@ class Backend(Protocol):
         ...
 
 
-class MeasuringBackend(Backend, Protocol):
-    """A backend that also exposes hidden states, for calibration and evaluation."""
+class CapturingBackend(Backend, Protocol):
+    """A backend that reports hidden states: enough for calibration and the plausibility
+    check (the vLLM backend is one)."""
+
+    def capture_states(
+        self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every layer's residual stream at the last prompt token, and at each token of
+        ``continuation`` (``[batch, k]`` ids appended to every prompt):
+        ``[num_layers, batch, 1 + k, hidden]`` float32."""
+        ...
+
+
+class MeasuringBackend(CapturingBackend, Protocol):
+    """A backend that also runs forward passes with any layer plan, for evaluation."""
 
     image_layers: tuple[int, ...]  # layers that run only with an image (cross-attention)
 

@@ -45,6 +45,12 @@ class GrammarCompiler:
         return RequestGrammar(self.compile(constraint), self.vocab_size)
 
 
+def grammar_text(constraint: OutputConstraint, tool_format: ToolCallFormat = HERMES) -> str:
+    """``constraint`` as EBNF text (for runtimes that compile grammars themselves, as vLLM's
+    structured outputs do)."""
+    return str(_grammar(constraint, tool_format))
+
+
 def _grammar(constraint: OutputConstraint, tool_format: ToolCallFormat) -> xgr.Grammar:
     forms = [_form(_written(form, tool_format)) for form in constraint.forms]
     return forms[0] if len(forms) == 1 else xgr.Grammar.union(*forms)

@@ -20,6 +20,7 @@ class Answer:
     live_shift_norm: float | None = None
     prompt_tokens: int = 0
     error: BaseException | None = None
+    notes: list[str] = field(default_factory=list)
 
     def take(self, event: StepEvent) -> None:
         """Add what one step did for this request."""
@@ -30,6 +31,7 @@ class Answer:
             self.live_shift_norm = event.live_shift_norm
         if event.prompt_tokens is not None:
             self.prompt_tokens = event.prompt_tokens
+        self.notes += event.notes
         if event.finished is not None:
             self.finished, self.error = event.finished, event.error
 

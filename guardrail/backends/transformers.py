@@ -19,12 +19,12 @@ from transformers import (
 from guardrail.backends.base import BackendRequest, Inputs, Processor
 from guardrail.backends.fingerprint import fingerprint_model
 from guardrail.backends.grammar import GrammarCompiler
-from guardrail.backends.hooks import DecoderHooks, LayerPlan, TrimState
+from guardrail.backends.hooks import CapturePlan, DecoderHooks, LayerPlan, TrimState
 from guardrail.backends.processors import load_processor
 from guardrail.backends.transformers_batch import TransformersBatch
 from guardrail.families import ModelFamily, family_for, family_named
 from guardrail.requests import Rendering
-from guardrail.tool_formats import tool_format
+from guardrail.tool_formats import ToolCallFormat, tool_format
 from guardrail.tools import prompt_messages, takes_tools
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class TransformersBackend:
     def __init__(
         self, model: PreTrainedModel, processor: Processor, family: ModelFamily | str | None = None
     ) -> None:
-        self.family = _resolve(family, getattr(model, "config", None))
+        self.family = resolve_family(family, getattr(model, "config", None))
         self.layers = self.family.decoder_layers(model)
         self.model = model.eval()
         self.processor = processor
@@ -51,7 +51,7 @@ class TransformersBackend:
         self.hidden_size = int(model.config.get_text_config().hidden_size)
         self.image_token_id = self.family.image_token_id(model.config)
         self.image_layers = self.family.image_layers(model.config)
-        self.placeholders = _placeholders(processor, self.tokenizer)
+        self.placeholders = placeholders_of(processor, self.tokenizer)
         self.fingerprint = fingerprint_model(model, self.num_layers, self.hidden_size)
         template = getattr(processor, "chat_template", None) or self.tokenizer.chat_template
         self.takes_tools = takes_tools(template if isinstance(template, str) else None)
@@ -81,7 +81,9 @@ class TransformersBackend:
         """Load a hub name or local folder (``dtype`` may be a name such as ``"bfloat16"``)."""
         if isinstance(dtype, str) and dtype != "auto":
             dtype = getattr(torch, dtype)
-        resolved = _resolve(family, AutoConfig.from_pretrained(name_or_path, revision=revision))
+        resolved = resolve_family(
+            family, AutoConfig.from_pretrained(name_or_path, revision=revision)
+        )
         processor = load_processor(name_or_path, resolved, revision)
         model = AutoModelForImageTextToText.from_pretrained(
             name_or_path, revision=revision, dtype=dtype or "auto", **model_kwargs
@@ -131,18 +133,7 @@ class TransformersBackend:
         return dict(inputs.to(self.device))
 
     def _prompt(self, rendering: Rendering) -> str:
-        """The chat template's text for ``rendering`` (tools through the template when it takes
-        them, else in the documented prompt format of :mod:`guardrail.tools`)."""
-        messages, tools = rendering.messages, rendering.tools
-        if not self.takes_tools:
-            messages, tools = prompt_messages(messages, tools, self.tool_format), ()
-        text = self.processor.apply_chat_template(
-            messages,
-            tools=[dict(t) for t in tools] or None,
-            add_generation_prompt=True,
-            tokenize=False,
-        )
-        return str(text)
+        return render_prompt(self.processor, rendering, self.takes_tools, self.tool_format)
 
     def grammars(self) -> GrammarCompiler:
         """The compiler of this model's answer constraints (built on first use)."""
@@ -172,6 +163,16 @@ class TransformersBackend:
         logits: torch.Tensor = output.logits[:, -1]
         return logits
 
+    @torch.no_grad()
+    def capture_states(
+        self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        span = 1 + (0 if continuation is None else continuation.shape[1])
+        layers = range(self.num_layers)
+        plan = CapturePlan(layers, span)
+        self.forward(self.encode(renderings, continuation), plan, use_cache=False)
+        return plan.stacked(layers)
+
     def stop_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
         stops = set(eos if isinstance(eos, list) else [eos]) | {self.tokenizer.pad_token_id}
@@ -182,13 +183,31 @@ class TransformersBackend:
         return _no_grad_with(nullcontext() if plan is None else self.hooks.activate(plan))
 
 
+def render_prompt(
+    processor: Processor, rendering: Rendering, takes_tools: bool, fmt: ToolCallFormat
+) -> str:
+    """The chat template's text for ``rendering`` (tools through the template when it takes
+    them, else in the documented prompt format of :mod:`guardrail.tools`)."""
+    messages, tools = rendering.messages, rendering.tools
+    if not takes_tools:
+        messages, tools = prompt_messages(messages, tools, fmt), ()
+    text = processor.apply_chat_template(
+        messages,
+        tools=[dict(t) for t in tools] or None,
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    return str(text)
+
+
 @contextmanager
 def _no_grad_with(inner: AbstractContextManager[None]) -> Iterator[None]:
     with torch.no_grad(), inner:
         yield
 
 
-def _resolve(family: ModelFamily | str | None, config: Any) -> ModelFamily:
+def resolve_family(family: ModelFamily | str | None, config: Any) -> ModelFamily:
+    """``family`` as a :class:`ModelFamily` (a name, or found from ``config`` when None)."""
     if isinstance(family, ModelFamily):
         return family
     return family_named(family) if family is not None else family_for(config)
@@ -204,7 +223,7 @@ _PLACEHOLDER_ATTRIBUTES = (
 )
 
 
-def _placeholders(processor: Processor, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
+def placeholders_of(processor: Processor, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:
     """The processor's and tokenizer's image and video placeholder strings."""
     found = {
         getattr(source, name, None)

@@ -25,7 +25,7 @@ from filelock import FileLock
 
 from guardrail.testing.tiny import CHAT_TEMPLATE, TINY_FAMILIES, build_tiny_vlm, save_checkpoint
 
-FIXTURE_VERSION = "4"
+FIXTURE_VERSION = "5"
 SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -84,7 +84,16 @@ def _save_llava(
             model.tie_weights()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    return save_checkpoint(path, model, processor, {})
+    return save_checkpoint(path, model, processor, {}, rename=_llava_hf_name)
+
+
+def _llava_hf_name(name: str) -> str:
+    """The tensor name real llava-hf checkpoints use (vLLM's loader needs it; transformers
+    saves the vision tower's tensors without the ``vision_model.`` level)."""
+    short = "vision_tower."
+    if name.startswith(short) and not name.startswith(short + "vision_model."):
+        return short + "vision_model." + name[len(short) :]
+    return name
 
 
 def build_tiny_llava(path: str | Path, seed: int = 0) -> Path:

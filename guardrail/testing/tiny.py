@@ -354,8 +354,15 @@ def build_tiny_vlm(family: str, path: str | Path, seed: int = 0) -> Path:
     return save_checkpoint(Path(path), model, processor, options)
 
 
-def save_checkpoint(path: Path, model: Any, processor: Any, options: dict[str, Any]) -> Path:
-    """Save ``model`` and ``processor`` at ``path`` atomically (a folder renamed into place).
+def save_checkpoint(
+    path: Path,
+    model: Any,
+    processor: Any,
+    options: dict[str, Any],
+    rename: Callable[[str], str] | None = None,
+) -> Path:
+    """Save ``model`` and ``processor`` at ``path`` atomically (a folder renamed into place);
+    ``rename`` rewrites the saved tensor names (to the layout other runtimes expect).
 
     A processor without a video processor (torchvision missing) cannot save itself: its
     tokenizer, image processor and ``options`` are saved instead, which ``from_pretrained``
@@ -364,6 +371,12 @@ def save_checkpoint(path: Path, model: Any, processor: Any, options: dict[str, A
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    if rename is not None:
+        from safetensors.torch import load_file, save_file
+
+        for file in tmp.glob("*.safetensors"):
+            tensors = {rename(name): t for name, t in load_file(file).items()}
+            save_file(tensors, file, metadata={"format": "pt"})
     if getattr(processor, "video_processor", True) is None:
         processor.tokenizer.save_pretrained(tmp)
         processor.image_processor.save_pretrained(tmp)

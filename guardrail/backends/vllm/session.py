@@ -1,0 +1,286 @@
+"""A :class:`~guardrail.backends.base.BatchSession` on a shared vLLM engine.
+
+vLLM owns the schedule: every request is admitted at once, and each session only feeds and
+reads its own requests (the engine's outputs and the workers' reports are routed to the session
+that owns them, so calibration can run beside the service). A sample-level request is three
+vLLM requests (the references first, so that a first-come scheduler never runs the request
+ahead of them); their tokens must agree at every step. When the workers report the lockstep
+broken (chunked prefill, preemption) or the tokens disagree, the three are recomputed from
+scratch with the same seed, the tokens already passed on are checked against the recomputation
+and not sent again, and the request's decision notes it; after three tries, it fails closed.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from guardrail.backends.base import BackendRequest, Finish, StepEvent
+from guardrail.backends.vllm.worker import GuardSpec, Role
+from guardrail.errors import GuardUnavailableError
+
+if TYPE_CHECKING:
+    from guardrail.backends.vllm.backend import VLLMBackend
+
+MAX_TRIES = 3
+_ROLES: tuple[Role, ...] = ("corrupted", "text", "main")
+
+
+@dataclass
+class _Live:
+    """One guard request in flight: its vLLM requests and what has been passed on."""
+
+    request: BackendRequest
+    seed: int | None
+    tries: int = 0
+    ids: dict[Role, str] = field(default_factory=dict)
+    tokens: dict[Role, list[int]] = field(default_factory=dict)
+    finish: dict[Role, str] = field(default_factory=dict)
+    sent: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    first: bool = True
+    live_norm: float | None = None
+    prompt_len: int = 0
+
+    @property
+    def sample(self) -> bool:
+        c = self.request.correction
+        return c is not None and c.references is not None
+
+
+class VLLMBatch:
+    """The guard's requests on a shared vLLM engine (see the module docstring)."""
+
+    def __init__(self, backend: VLLMBackend) -> None:
+        self._backend = backend
+        self._id = uuid.uuid4().hex[:12]
+        self._live: dict[str, _Live] = {}
+        self.inbox: list[Any] = []  # engine outputs routed here
+        self.report_box: dict[str, dict[str, Any]] = {}
+        self.captures: dict[str, dict[int, torch.Tensor]] = {}  # capture id -> layer -> states
+        self.captures_done: set[str] = set()
+
+    # ------------------------------------------------------------ BatchSession
+
+    def admits(self, request: BackendRequest) -> bool:
+        return True
+
+    def add(self, requests: Sequence[BackendRequest]) -> None:
+        for request in requests:
+            seed = request.sampling.seed
+            if seed is None and not request.sampling.greedy and request.correction is not None:
+                seed = random.getrandbits(62)  # the references must draw what it draws
+            live = _Live(request, seed)
+            self._live[request.id] = live
+            self._submit(live)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._live) or len(self.captures_done) < len(self.captures)
+
+    def abort(self, request_id: str) -> None:
+        live = self._live.pop(request_id, None)
+        if live is not None:
+            self._cancel(live)
+
+    def step(self) -> list[StepEvent]:
+        backend = self._backend
+        with backend.lock:
+            if not self.inbox:
+                for output in backend.engine.step():
+                    owner = backend.mailboxes.get(output.request_id)
+                    if owner is not None:
+                        owner.inbox.append(output)
+            if self.captures or any(live.sample for live in self._live.values()):
+                for rid, report in backend.reports().items():
+                    owner = backend.mailboxes.get(rid)
+                    if owner is not None:
+                        owner.report_box.setdefault(rid, {}).update(report)
+            outputs, self.inbox = self.inbox, []
+            reports, self.report_box = self.report_box, {}
+        events: list[StepEvent] = []
+        for rid, report in reports.items():  # first: a broken step's tokens are never passed on
+            if rid in self.captures:
+                self.captures[rid].update(report.get("states", {}))
+                continue
+            live = self._live.get(rid)
+            if live is None:
+                continue
+            if "live_norm" in report:
+                live.live_norm = report["live_norm"]
+            if "broken" in report:
+                events += self._recompute(live, str(report["broken"]))
+        touched = {live.request.id: live for live in map(self._take, outputs) if live}
+        for live in touched.values():
+            events += self._agreed(live) if live.sample else self._pass_on(live, "main")
+        return events
+
+    # ------------------------------------------------------------ requests
+
+    def _submit(self, live: _Live) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        backend, request = self._backend, live.request
+        live.tries += 1
+        live.tokens, live.finish = {}, {}
+        s, c = request.sampling, request.correction
+        structured = None
+        if request.constraint is not None:
+            structured = StructuredOutputsParams(grammar=backend.grammar(request.constraint))
+        renderings: dict[Role, Any] = {"main": request.rendering}
+        spec = GuardSpec(request.id)
+        if c is not None:
+            shift = None if c.shift is None else backend.register_shift(c.shift)
+            spec = GuardSpec(
+                request.id,
+                alpha=c.alpha,
+                layers=c.shape.layers,
+                positions=c.shape.positions,
+                incremental=c.shape.stacking == "incremental",
+                shift=shift,
+                sample=c.references is not None,
+            )
+            if c.references is not None:
+                renderings["corrupted"], renderings["text"] = c.references
+        for role in _ROLES:
+            if role not in renderings:
+                continue
+            rid = f"{request.id}@{live.tries}:{role}"
+            role_spec = GuardSpec(**{**spec.__dict__, "role": role})
+            params = SamplingParams(
+                max_tokens=s.max_new_tokens,
+                min_tokens=s.min_new_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k or 0,
+                seed=live.seed,
+                stop_token_ids=sorted(backend.stop_token_ids()),
+                structured_outputs=structured,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args=None if c is None else role_spec.extra_args(),
+            )
+            prompt = backend.prompt(renderings[role])
+            live.ids[role] = rid
+            live.tokens[role] = []
+            with backend.lock:
+                backend.mailboxes[rid] = self
+                backend.engine.add_request(rid, prompt, params)
+        backend.mailboxes[request.id] = self  # the workers report by the guard's id
+
+    def capture(self, prompts: Sequence[dict[str, Any]], span: int) -> list[str]:
+        """Run ``prompts`` one token each, reporting the residual stream of every layer at
+        their last ``span`` prompt positions (into :attr:`captures`); their ids."""
+        from vllm import SamplingParams
+
+        ids = []
+        for prompt in prompts:
+            rid = uuid.uuid4().hex
+            spec = GuardSpec(rid, role="capture", capture=span)
+            params = SamplingParams(max_tokens=1, extra_args=spec.extra_args())
+            self.captures[rid] = {}
+            with self._backend.lock:
+                self._backend.mailboxes[rid] = self
+                self._backend.mailboxes[f"{rid}@0:capture"] = self
+                self._backend.engine.add_request(f"{rid}@0:capture", prompt, params)
+            ids.append(rid)
+        return ids
+
+    def _cancel(self, live: _Live) -> None:
+        backend = self._backend
+        with backend.lock:
+            backend.engine.abort_request(list(live.ids.values()))
+            for rid in live.ids.values():
+                backend.mailboxes.pop(rid, None)
+            backend.mailboxes.pop(live.request.id, None)
+
+    def _take(self, output: Any) -> _Live | None:
+        """Record one engine output; the request it belongs to (None for a cancelled try)."""
+        rid, _, role = output.request_id.rpartition(":")
+        request_id, _, tries = rid.rpartition("@")
+        if role == "capture":
+            self.captures_done.add(request_id)
+            return None
+        live = self._live.get(request_id)
+        if live is None or int(tries) != live.tries:
+            return None
+        completion = output.outputs[0]
+        if role == "main" and output.prompt_token_ids:
+            live.prompt_len = len(output.prompt_token_ids)  # image tokens expanded
+        live.tokens[role] += list(completion.token_ids)
+        if completion.finish_reason is not None:
+            live.finish[role] = str(completion.finish_reason)
+        return live
+
+    def _agreed(self, live: _Live) -> list[StepEvent]:
+        """A sample-level request's tokens, as far as all three of its rows agree."""
+        rows = [live.tokens[role] for role in _ROLES]
+        n = min(len(r) for r in rows)
+        if any(r[:n] != rows[2][:n] for r in rows[:2]):
+            return self._recompute(live, "a reference row sampled a different token")
+        finished = len(live.finish) == len(_ROLES) and all(len(r) == n for r in rows)
+        return self._pass_on(live, "main", n, finished)
+
+    def _pass_on(
+        self, live: _Live, role: Role, upto: int | None = None, finished: bool = True
+    ) -> list[StepEvent]:
+        tokens = live.tokens[role][:upto]
+        finish = live.finish.get(role) if finished else None
+        stops = self._backend.stop_token_ids()
+        common = min(len(tokens), len(live.sent))
+        if tokens[:common] != live.sent[:common]:
+            return self._fail(live, "the recomputation diverged from the tokens already sent")
+        new = tokens[len(live.sent) :]
+        events = []
+        for token in new:
+            live.sent.append(token)
+            if token in stops:
+                continue
+            events.append(self._event(live, token))
+        if finish is not None:
+            reason: Finish = "length" if finish == "length" else "stop"
+            if finish == "abort":
+                return events + self._fail(live, "vLLM aborted the request")
+            events.append(self._event(live, None, reason))
+            self._done(live)
+        return events
+
+    def _event(
+        self, live: _Live, token: int | None, finish: Finish | None = None, error: Any = None
+    ) -> StepEvent:
+        first, live.first = live.first, False
+        return StepEvent(
+            live.request.id,
+            token,
+            self._id,
+            finish,
+            live.live_norm if first or finish else None,
+            live.prompt_len if first else None,
+            error,
+            tuple(live.notes) if finish is not None else (),
+        )
+
+    def _recompute(self, live: _Live, reason: str) -> list[StepEvent]:
+        self._cancel(live)
+        if live.tries >= MAX_TRIES:
+            return self._fail(live, f"sample-level lockstep lost {live.tries} times: {reason}")
+        live.notes.append(f"lockstep broken after {len(live.sent)} tokens ({reason}): recomputed")
+        self._submit(live)
+        return []
+
+    def _fail(self, live: _Live, reason: str) -> list[StepEvent]:
+        self._cancel(live)
+        live.notes.append(reason)
+        error = GuardUnavailableError(f"the guard could not follow this request: {reason}")
+        event = self._event(live, None, "aborted", error)
+        self._live.pop(live.request.id, None)
+        return [event]
+
+    def _done(self, live: _Live) -> None:
+        self._live.pop(live.request.id, None)
+        self._cancel(live)
