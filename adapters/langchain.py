@@ -33,6 +33,7 @@ from adapters.remote_images import RemoteImageFetcher
 from guardrail import GuardConfig, GuardedVLM, GuardRequest
 from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.backends import Sampling
+from guardrail.backends.runtimes import Runtime
 from guardrail.config import fold_guard_fields
 from guardrail.errors import GuardrailError, InvalidInputError
 from guardrail.registry import shared_service
@@ -56,13 +57,14 @@ class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
 
     ``engine`` is a :class:`GuardService` (or a :class:`GuardedVLM`, served by a new one) to
     run on; without it, ``model`` (a hub name or local folder, with ``device``, ``dtype`` and
-    ``family``) is loaded once per process and shared by every app. ``guard`` is the app's
-    :class:`GuardConfig`; its fields may also be given flat (``alpha=0.8``). ``store`` is a
-    shift store URL (None: the embedded folder store), under ``namespace`` (default: ``app``).
-    Constructing looks the app's dataset-level shift up; computing it is the explicit
-    :meth:`calibrate` (or :meth:`from_model_id`, which loads and calibrates). ``trust_policy``
-    is a name of ``guardrail.trust.POLICIES`` or your own policy; ``invoke(...,
-    trust="untrusted")`` overrides it.
+    ``family``) is loaded once per process and shared by every app, through transformers or,
+    with ``backend="vllm"``, on a vLLM engine (``engine_args`` go to ``vllm.LLM``). ``guard``
+    is the app's :class:`GuardConfig`; its fields may also be given flat (``alpha=0.8``).
+    ``store`` is a shift store URL (None: the embedded folder store), under ``namespace``
+    (default: ``app``). Constructing looks the app's dataset-level shift up; computing it is
+    the explicit :meth:`calibrate` (or :meth:`from_model_id`, which loads and calibrates).
+    ``trust_policy`` is a name of ``guardrail.trust.POLICIES`` or your own policy;
+    ``invoke(..., trust="untrusted")`` overrides it.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, protected_namespaces=())
@@ -82,6 +84,8 @@ class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
     device: str | None = None
     dtype: str | None = None
     family: str | None = None
+    backend: Runtime = "transformers"
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     allow_image_hosts: list[str] | None = None
     allow_image_networks: list[str] = Field(default_factory=list)
     max_image_bytes: int = 10_000_000
@@ -106,7 +110,7 @@ class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
         if self.engine is None and not self.model:
             raise InvalidInputError("ChatGuardedVLM needs a model name or path, or an engine")
         self._service = self.engine or shared_service(
-            self.model, self.device, self.dtype, self.family
+            self.model, self.device, self.dtype, self.family, self.backend, self.engine_args
         )
         self.model = self.model or self._service.model.fingerprint.name_or_path
         policy = self.trust_policy if not isinstance(self.trust_policy, str) else None

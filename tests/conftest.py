@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import socket
@@ -18,6 +19,10 @@ from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 from tests.helpers import SHARED_REDIS
 
 torch.set_num_threads(2)
+
+# The vLLM backend's tests need vLLM, which lives in an environment of its own (.venv-vllm):
+# `make test` runs them there, after this suite.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 # Real weights, model training, Ray clusters and example scripts: `pytest -m "not slow"` skips
 # them for a quick run (CI runs everything).

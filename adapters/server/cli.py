@@ -4,9 +4,12 @@ the engine's CLI never imports a front end)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from typing import Any
 
 from adapters.server.settings import ServerSettings, hash_key
+from guardrail.backends.runtimes import RUNTIMES
 from guardrail.config_flags import add_guard_flags, guard_config
 
 GRACEFUL_SHUTDOWN_S = 30
@@ -20,6 +23,17 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--family", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument(
+        "--backend", choices=RUNTIMES, default=None, help="the runtime (default transformers)"
+    )
+    p.add_argument(
+        "--engine-arg",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="with --backend vllm: an argument of vllm.LLM (tensor_parallel_size=2, ...), "
+        "the value read as JSON when it parses",
+    )
     p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
     p.add_argument("--host", default=None, help="default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="default 8000")
@@ -28,6 +42,20 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--hash-key", metavar="KEY", help="print the key_sha256 of KEY and exit")
     add_guard_flags(p)  # given flags override every app's guard config
     p.set_defaults(func=serve)
+
+
+def _engine_args(pairs: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs, each value JSON when it parses (numbers, booleans), else text."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--engine-arg takes NAME=VALUE, got {pair!r}")
+        try:
+            parsed[name] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[name] = value
+    return parsed
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -42,6 +70,8 @@ def serve(args: argparse.Namespace) -> int:
         family=args.family,
         device=args.device,
         dtype=args.dtype,
+        backend=args.backend,
+        engine_args=_engine_args(args.engine_arg) or None,
         store=args.store,
         host=args.host,
         port=args.port,

@@ -32,7 +32,14 @@ class Runner(Protocol):
 def serving(settings: ServerSettings) -> GuardService:
     """The guard service of ``settings``' model with every app registered and calibrated
     (found in the store, or computed from the bundled anchors and stored)."""
-    service = shared_service(settings.model, settings.device, settings.dtype, settings.family)
+    service = shared_service(
+        settings.model,
+        settings.device,
+        settings.dtype,
+        settings.family,
+        settings.backend,
+        settings.engine_args,
+    )
     for app in settings.apps:
         service.add_app(app.model_copy(update={"store": app.store or settings.store}))
         service.calibrate(app.name)

@@ -20,9 +20,11 @@ import hashlib
 import hmac
 import tomllib
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from guardrail.backends.runtimes import Runtime
 from guardrail.service import AppSpec
 
 
@@ -56,6 +58,9 @@ class ServerSettings(BaseModel):
     family: str | None = None
     device: str | None = None
     dtype: str | None = None
+    # the runtime: transformers, or a vLLM engine (engine_args go to vllm.LLM)
+    backend: Runtime = "transformers"
+    engine_args: dict[str, Any] = Field(default_factory=dict)
     store: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000

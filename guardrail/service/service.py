@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from guardrail.backends import Answer, Sampling
+from guardrail.backends.runtimes import Runtime, load_vllm
 from guardrail.engine import GuardedVLM
 from guardrail.errors import (
     CallCancelledError,
@@ -70,10 +71,26 @@ class GuardService:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, **options: Any) -> GuardService:
-        """Load a model (see :meth:`GuardedVLM.from_pretrained`; ``max_running`` is the
-        scheduler's) and serve it."""
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        backend: Runtime = "transformers",
+        engine_args: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> GuardService:
+        """Load a model and serve it: through transformers (``options`` as for
+        :meth:`GuardedVLM.from_pretrained`), or on a vLLM engine (``backend="vllm"``,
+        ``engine_args`` for ``vllm.LLM``: ``tensor_parallel_size``, ``max_model_len``, ...).
+        ``max_running`` is the scheduler's limit."""
         max_running = options.pop("max_running", 32)
+        if backend == "vllm":
+            return cls(
+                GuardedVLM(load_vllm(name_or_path, engine_args, **options)),
+                max_running=max_running,
+            )
+        if engine_args:
+            raise InvalidInputError("engine_args are vLLM's: use them with backend='vllm'")
         return cls(GuardedVLM.from_pretrained(name_or_path, **options), max_running=max_running)
 
     # ----------------------------------------------------------------- apps

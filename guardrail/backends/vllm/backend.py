@@ -10,6 +10,7 @@ on a CPU machine).
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from guardrail.tools import takes_tools
 from shift_store import ShiftVector
 
 EXTENSION = "guardrail.backends.vllm.worker.GuardWorkerExtension"
+_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM reads it when an engine is made
 # What the guard needs of vLLM's engine: eager mode (its hooks cannot live in captured graphs).
 ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
 
@@ -40,9 +42,9 @@ class VLLMBackend:
     """A vision-language model served by a vLLM engine with the guard's worker extension.
 
     ``llm`` is a ``vllm.LLM`` (or its ``LLMEngine``) created with
-    ``worker_extension_cls=EXTENSION`` and ``enforce_eager=True``; :meth:`from_pretrained`
-    makes one. ``name_or_path`` names the checkpoint it serves (for the processor and the
-    runtime-independent fingerprint).
+    ``worker_extension_cls=EXTENSION`` and ``enforce_eager=True``, best with its engine core in
+    this process (see :meth:`from_pretrained`, which makes one). ``name_or_path`` names the
+    checkpoint it serves (for the processor and the runtime-independent fingerprint).
     """
 
     def __init__(
@@ -83,12 +85,30 @@ class VLLMBackend:
     def from_pretrained(
         cls, name_or_path: str, *, family: ModelFamily | str | None = None, **engine_kwargs: Any
     ) -> VLLMBackend:
-        """Start a ``vllm.LLM`` on ``name_or_path`` with the guard's worker extension
-        (``engine_kwargs`` go to vLLM: ``tensor_parallel_size``, ``max_model_len``, ...)."""
-        from vllm import LLM
+        """Start a vLLM engine on ``name_or_path`` with the guard's worker extension
+        (``engine_kwargs`` are ``vllm.EngineArgs``: ``tensor_parallel_size``,
+        ``max_model_len``, ...).
+
+        The engine core runs in this process, stepped by the guard's session: a request and
+        its reference rows are added between two steps, so vLLM's scheduler sees the three
+        together (a core in its own process could run a step between the adds). Workers still
+        run in their own processes under tensor or pipeline parallelism.
+        """
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
 
         kwargs = {**ENGINE_DEFAULTS, **engine_kwargs, "worker_extension_cls": EXTENSION}
-        return cls(LLM(model=name_or_path, **kwargs), name_or_path, family)
+        args = EngineArgs(model=name_or_path, **kwargs)
+        previous = os.environ.get(_IN_PROCESS)
+        os.environ[_IN_PROCESS] = "0"
+        try:
+            engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
+        finally:
+            if previous is None:
+                os.environ.pop(_IN_PROCESS, None)
+            else:
+                os.environ[_IN_PROCESS] = previous
+        return cls(engine, name_or_path, family)
 
     # ------------------------------------------------------------ the Backend protocol
 
@@ -173,7 +193,10 @@ class VLLMBackend:
         ids = session.capture(prompts, span)
         while session.busy:
             session.step()
-        missing = [i for i in ids if len(session.captures[i]) < self.num_layers]
+        for rid in ids:
+            self.mailboxes.pop(rid, None)
+            self.mailboxes.pop(f"{rid}@0:capture", None)
+        missing = [rid for rid in ids if len(session.captures[rid]) < self.num_layers]
         if missing:
             raise GuardrailError(f"vLLM reported no states for {len(missing)} capture requests")
         layers = range(self.num_layers)

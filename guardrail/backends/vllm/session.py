@@ -6,8 +6,10 @@ that owns them, so calibration can run beside the service). A sample-level reque
 vLLM requests (the references first, so that a first-come scheduler never runs the request
 ahead of them); their tokens must agree at every step. When the workers report the lockstep
 broken (chunked prefill, preemption) or the tokens disagree, the three are recomputed from
-scratch with the same seed, the tokens already passed on are checked against the recomputation
-and not sent again, and the request's decision notes it; after three tries, it fails closed.
+scratch with the same seed once another request of the session has finished (the KV cache that
+preempted them has room again), the tokens already passed on are checked against the
+recomputation and not sent again, and the request's decision notes it; after five tries, it
+fails closed.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from guardrail.errors import GuardUnavailableError
 if TYPE_CHECKING:
     from guardrail.backends.vllm.backend import VLLMBackend
 
-MAX_TRIES = 3
+MAX_TRIES = 5
 _ROLES: tuple[Role, ...] = ("corrupted", "text", "main")
 
 
@@ -46,6 +48,7 @@ class _Live:
     first: bool = True
     live_norm: float | None = None
     prompt_len: int = 0
+    parked_at: int = 0  # finished requests of the session when it was parked
 
     @property
     def sample(self) -> bool:
@@ -64,6 +67,8 @@ class VLLMBatch:
         self.report_box: dict[str, dict[str, Any]] = {}
         self.captures: dict[str, dict[int, torch.Tensor]] = {}  # capture id -> layer -> states
         self.captures_done: set[str] = set()
+        self._parked: list[_Live] = []  # broken requests waiting for room to be recomputed
+        self._finished = 0
 
     # ------------------------------------------------------------ BatchSession
 
@@ -87,6 +92,8 @@ class VLLMBatch:
         live = self._live.pop(request_id, None)
         if live is not None:
             self._cancel(live)
+            if live in self._parked:
+                self._parked.remove(live)
 
     def step(self) -> list[StepEvent]:
         backend = self._backend
@@ -108,9 +115,10 @@ class VLLMBatch:
             if rid in self.captures:
                 self.captures[rid].update(report.get("states", {}))
                 continue
-            live = self._live.get(rid)
-            if live is None:
-                continue
+            request_id, _, tries = rid.rpartition("@")
+            live = self._live.get(request_id)
+            if live is None or int(tries) != live.tries or live in self._parked:
+                continue  # an earlier try's report
             if "live_norm" in report:
                 live.live_norm = report["live_norm"]
             if "broken" in report:
@@ -118,7 +126,20 @@ class VLLMBatch:
         touched = {live.request.id: live for live in map(self._take, outputs) if live}
         for live in touched.values():
             events += self._agreed(live) if live.sample else self._pass_on(live, "main")
+        self._unpark()
         return events
+
+    def _unpark(self) -> None:
+        """Recompute parked requests once another request has finished since they broke, or
+        at once when nothing else runs."""
+        running = len(self._live) - len(self._parked)
+        ready = [live for live in self._parked if live.parked_at < self._finished]
+        if not ready and self._parked and running == 0:
+            ready = self._parked[:1]
+        for live in ready:
+            self._parked.remove(live)
+            if live.request.id in self._live:
+                self._submit(live)
 
     # ------------------------------------------------------------ requests
 
@@ -134,11 +155,12 @@ class VLLMBatch:
         if request.constraint is not None:
             structured = StructuredOutputsParams(grammar=backend.grammar(request.constraint))
         renderings: dict[Role, Any] = {"main": request.rendering}
-        spec = GuardSpec(request.id)
+        tag = f"{request.id}@{live.tries}"  # the workers report by it
+        spec = GuardSpec(tag)
         if c is not None:
             shift = None if c.shift is None else backend.register_shift(c.shift)
             spec = GuardSpec(
-                request.id,
+                tag,
                 alpha=c.alpha,
                 layers=c.shape.layers,
                 positions=c.shape.positions,
@@ -151,7 +173,7 @@ class VLLMBatch:
         for role in _ROLES:
             if role not in renderings:
                 continue
-            rid = f"{request.id}@{live.tries}:{role}"
+            rid = f"{tag}:{role}"
             role_spec = GuardSpec(**{**spec.__dict__, "role": role})
             params = SamplingParams(
                 max_tokens=s.max_new_tokens,
@@ -171,7 +193,7 @@ class VLLMBatch:
             with backend.lock:
                 backend.mailboxes[rid] = self
                 backend.engine.add_request(rid, prompt, params)
-        backend.mailboxes[request.id] = self  # the workers report by the guard's id
+        backend.mailboxes[tag] = self
 
     def capture(self, prompts: Sequence[dict[str, Any]], span: int) -> list[str]:
         """Run ``prompts`` one token each, reporting the residual stream of every layer at
@@ -197,7 +219,7 @@ class VLLMBatch:
             backend.engine.abort_request(list(live.ids.values()))
             for rid in live.ids.values():
                 backend.mailboxes.pop(rid, None)
-            backend.mailboxes.pop(live.request.id, None)
+            backend.mailboxes.pop(f"{live.request.id}@{live.tries}", None)
 
     def _take(self, output: Any) -> _Live | None:
         """Record one engine output; the request it belongs to (None for a cancelled try)."""
@@ -270,7 +292,8 @@ class VLLMBatch:
         if live.tries >= MAX_TRIES:
             return self._fail(live, f"sample-level lockstep lost {live.tries} times: {reason}")
         live.notes.append(f"lockstep broken after {len(live.sent)} tokens ({reason}): recomputed")
-        self._submit(live)
+        live.parked_at = self._finished
+        self._parked.append(live)
         return []
 
     def _fail(self, live: _Live, reason: str) -> list[StepEvent]:
@@ -279,8 +302,10 @@ class VLLMBatch:
         error = GuardUnavailableError(f"the guard could not follow this request: {reason}")
         event = self._event(live, None, "aborted", error)
         self._live.pop(live.request.id, None)
+        self._finished += 1
         return [event]
 
     def _done(self, live: _Live) -> None:
+        self._finished += 1
         self._live.pop(live.request.id, None)
         self._cancel(live)

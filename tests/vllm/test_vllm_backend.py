@@ -1,0 +1,209 @@
+"""The guard inside vLLM (SmolLM2 fixture, greedy): what it leaves alone is bare vLLM's answer,
+what it corrects is the transformers backend's answer, and a request it cannot follow in
+lockstep is recomputed or refused, never answered with a stale shift.
+
+Runs in the vLLM environment (``make test`` builds ``.venv-vllm``); one guarded engine, one
+bare engine and one transformers backend serve the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+
+from guardrail import GuardConfig, GuardedVLM
+from guardrail.backends import (
+    BackendRequest,
+    Correction,
+    CorrectionShape,
+    Sampling,
+    TransformersBackend,
+    run_to_completion,
+)
+from guardrail.backends.vllm import VLLMBackend
+from guardrail.calibration import compute_dataset_shift
+from guardrail.config import CorruptionSpec
+from guardrail.constraints import OutputConstraint
+from guardrail.requests import GuardRequest, Rendering, corrupted, text_only
+from guardrail.service import AppSpec, Call, GuardService
+from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
+
+TOKENS = 8
+LAYER = CorrectionShape((25,), "last", "incremental")
+ENGINE = {"max_model_len": 1024, "dtype": "float32", "num_gpu_blocks_override": 24}
+
+
+@pytest.fixture(scope="module")
+def path() -> str:
+    return str(fixture_path("smollm"))
+
+
+@pytest.fixture(scope="module")
+def backend(path: str) -> VLLMBackend:
+    return VLLMBackend.from_pretrained(path, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def bare(path: str) -> LLM:
+    return LLM(model=path, enforce_eager=True, **ENGINE)
+
+
+@pytest.fixture(scope="module")
+def reference(path: str) -> TransformersBackend:
+    return TransformersBackend.from_pretrained(path, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def shift(reference: TransformersBackend):
+    """A dataset-level shift calibrated on transformers."""
+    return compute_dataset_shift(
+        reference, CorruptionSpec(), anchor_prompts()[:8], decode_tokens=4, progress=False
+    )
+
+
+def _rendering(i: int, image: bool = True) -> Rendering:
+    prompt = anchor_prompts()[i % 8]
+    parts = [{"type": "image"}] if image else []
+    messages = [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+    return Rendering(messages, [synthetic_image(i, (200, 150))] if image else [])
+
+
+def _bare_tokens(bare: LLM, backend: VLLMBackend, renderings: list[Rendering]) -> list[list[int]]:
+    params = SamplingParams(
+        max_tokens=TOKENS, temperature=0, stop_token_ids=sorted(backend.stop_token_ids())
+    )
+    outputs = bare.generate([backend.prompt(r) for r in renderings], params, use_tqdm=False)
+    stops = backend.stop_token_ids()
+    return [[t for t in o.outputs[0].token_ids if t not in stops] for o in outputs]
+
+
+def _answers(session_backend, requests: list[BackendRequest]) -> dict[str, list[int]]:
+    answers = run_to_completion(session_backend.open_batch(), requests)
+    assert all(a.error is None for a in answers.values()), answers
+    return {rid: a.tokens for rid, a in answers.items()}
+
+
+def test_a_checkpoint_has_one_fingerprint_whichever_runtime_loads_it(backend, reference):
+    assert backend.fingerprint == reference.fingerprint
+
+
+def test_calibration_on_vllm_gives_the_transformers_shift(backend, shift):
+    on_vllm = compute_dataset_shift(
+        backend, CorruptionSpec(), anchor_prompts()[:8], decode_tokens=4, progress=False
+    )
+    pairs = ((on_vllm.vectors, shift.vectors), (on_vllm.decode_vectors, shift.decode_vectors))
+    for ours, theirs in pairs:
+        cosine = torch.nn.functional.cosine_similarity(ours, theirs, dim=-1)
+        assert float(cosine.min()) >= 0.999, cosine
+
+
+def test_unguarded_and_alpha_zero_requests_are_bare_vllm(backend, bare, shift):
+    renderings = [_rendering(i, image=i % 2 == 0) for i in range(4)]
+    expected = _bare_tokens(bare, backend, renderings)
+    sampling = Sampling(max_new_tokens=TOKENS)
+    requests = [BackendRequest(f"u{i}", r, sampling) for i, r in enumerate(renderings)]
+    requests += [
+        BackendRequest(f"z{i}", r, sampling, Correction(LAYER, 0.0, shift=shift))
+        for i, r in enumerate(renderings)
+    ]
+    got = _answers(backend, requests)
+    for i in range(4):
+        assert got[f"u{i}"] == expected[i]
+        assert got[f"z{i}"] == expected[i]
+
+
+def test_sample_level_on_the_corruption_image_answers_as_text_only(backend, bare):
+    """At the last layer, with the corruption image as input, the live shift removes exactly
+    what the image added at every generated token: the text-only answer, token for token."""
+    rendering = _rendering(3)
+    spec = CorruptionSpec()
+    blank = corrupted(rendering, spec, backend.default_image_size())
+    text = text_only(rendering)
+    last = CorrectionShape((backend.num_layers - 1,), "last", "incremental")
+    correction = Correction(last, 1.0, references=(blank, text))
+    got = _answers(
+        backend, [BackendRequest("s", blank, Sampling(max_new_tokens=TOKENS), correction)]
+    )
+    assert got["s"] == _bare_tokens(bare, backend, [text])[0]
+    assert len(got["s"]) == TOKENS
+
+
+def test_dataset_level_on_vllm_answers_as_on_transformers(backend, reference, shift):
+    sampling = Sampling(max_new_tokens=TOKENS)
+    requests = [
+        BackendRequest(f"d{i}", _rendering(i), sampling, Correction(LAYER, 1.0, shift=shift))
+        for i in range(10)
+    ]
+    on_vllm = _answers(backend, requests)
+    on_transformers = _answers(reference, requests)
+    same = sum(on_vllm[r.id] == on_transformers[r.id] for r in requests)
+    assert same >= 9, (on_vllm, on_transformers)
+    unguarded = _answers(backend, [BackendRequest(r.id, r.rendering, sampling) for r in requests])
+    assert sum(on_vllm[r.id] != unguarded[r.id] for r in requests) >= 5  # the shift acts
+
+
+def test_a_mixed_step_gives_every_row_its_solo_answer(backend, shift):
+    sampling = Sampling(max_new_tokens=TOKENS)
+    image = _rendering(5)
+    blank = corrupted(image, CorruptionSpec(), backend.default_image_size())
+    references = (blank, text_only(image))
+    requests = [
+        BackendRequest("dataset", image, sampling, Correction(LAYER, 1.0, shift=shift)),
+        BackendRequest("strong", image, sampling, Correction(LAYER, 2.0, shift=shift)),
+        BackendRequest("sample", image, sampling, Correction(LAYER, 1.0, references=references)),
+        BackendRequest("unguarded", image, sampling),
+        BackendRequest("text", _rendering(6, image=False), sampling),
+    ]
+    together = _answers(backend, requests)
+    for request in requests:
+        assert together[request.id] == _answers(backend, [request])[request.id], request.id
+    assert len({tuple(tokens) for tokens in together.values()}) >= 3
+
+
+def test_structured_output_through_vllm_is_valid_json_at_both_levels(backend, shift):
+    schema = {
+        "type": "object",
+        "properties": {"colour": {"type": "string"}, "count": {"type": "integer"}},
+        "required": ["colour", "count"],
+    }
+    image = _rendering(2)
+    references = (
+        corrupted(image, CorruptionSpec(), backend.default_image_size()),
+        text_only(image),
+    )
+    sampling = Sampling(max_new_tokens=60)
+    constraint = OutputConstraint.json_schema(schema)
+    requests = [
+        BackendRequest("d", image, sampling, Correction(LAYER, 1.0, shift=shift), constraint),
+        BackendRequest(
+            "s", image, sampling, Correction(LAYER, 1.0, references=references), constraint
+        ),
+    ]
+    answers = run_to_completion(backend.open_batch(), requests)
+    for answer in answers.values():
+        assert answer.error is None and answer.finished == "stop"
+        value = json.loads(backend.tokenizer.decode(answer.tokens))
+        assert isinstance(value["colour"], str) and isinstance(value["count"], int)
+
+
+def test_a_preempted_sample_level_request_is_recomputed_and_its_decision_says_so(backend):
+    """Eight sample-level requests (24 vLLM sequences) on a KV cache for about 3000 tokens:
+    vLLM preempts some; each is recomputed from scratch, gives its solo answer, and its
+    decision record names the recomputation."""
+    service = GuardService(GuardedVLM(backend, GuardConfig(mode="sample")))
+    service.add_app(AppSpec(name="a", guard=GuardConfig(mode="sample")))
+    sampling = Sampling(max_new_tokens=48)
+    requests = [
+        GuardRequest(anchor_prompts()[i], [synthetic_image(i, (200, 150))]) for i in range(8)
+    ]
+    handles = [service.submit(Call("a", r, sampling)) for r in requests]
+    outputs = [h.result(600) for h in handles]
+    recomputed = [o for o in outputs if o.decision.runtime_events]
+    assert recomputed, "no request was preempted: make the KV cache smaller"
+    assert all("recomputed" in o.decision.runtime_events[0] for o in recomputed)
+    assert all(o.decision.guarded and o.decision.mode_used == "sample" for o in outputs)
+    solo = service.submit(Call("a", requests[outputs.index(recomputed[0])], sampling)).result(600)
+    assert solo.text == recomputed[0].text and not solo.decision.runtime_events
