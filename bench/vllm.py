@@ -1,10 +1,12 @@
 """Serving throughput and latency: bare vLLM, the guard on vLLM (dataset and sample level) and
 the guard on transformers, each through its OpenAI-compatible server, in one run.
 
-Servers are started one at a time on loopback (``vllm serve`` for bare vLLM; ``guardrail serve
---backend vllm`` with a dataset-level and a sample-level app; ``guardrail serve`` on
+Servers are started one at a time on loopback (vLLM's own OpenAI server for bare vLLM;
+``guardrail serve --backend vllm`` with an unguarded (``mode = "off"``: the same serving stack
+without the guard), a dataset-level and a sample-level app; ``guardrail serve`` on
 transformers with a dataset-level app), and each gets the same streamed multimodal chat
-requests (a data-URL image, ``--tokens`` greedy tokens at most) at every concurrency.
+requests (a data-URL image, exactly ``--tokens`` greedy tokens: ``min_tokens``, vLLM's
+extension, which the guard's server takes too) at every concurrency.
 Prints requests/s, time to first token and inter-token latency (p50/p99) per target and
 concurrency, each target's throughput as a ratio to bare vLLM's at the same concurrency, and a
 final JSON line. Run it in the vLLM environment (``.venv-vllm``), alone on the machine.
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import base64
 import io
+import itertools
 import json
 import os
 import subprocess
@@ -34,7 +37,8 @@ import openai
 
 from guardrail.testing import fixture_path, synthetic_image
 
-KEYS = {"dataset": "bench-dataset-key", "sample": "bench-sample-key"}
+_SEEDS = itertools.count()  # every request its own picture: no prefix-cache hits between them
+KEYS = {"off": "bench-off-key", "dataset": "bench-dataset-key", "sample": "bench-sample-key"}
 
 
 def _image_url(seed: int) -> str:
@@ -81,6 +85,7 @@ async def _load(port: int, key: str, model: str, count: int, concurrency: int, t
                     max_tokens=tokens,
                     temperature=0,
                     stream=True,
+                    extra_body={"min_tokens": tokens},  # exactly ``tokens`` on every server
                 )
                 async for chunk in stream:
                     if not chunk.choices or not chunk.choices[0].delta.content:
@@ -95,7 +100,7 @@ async def _load(port: int, key: str, model: str, count: int, concurrency: int, t
                 errors += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(seed) for seed in range(count)))
+    await asyncio.gather(*(one(next(_SEEDS)) for _ in range(count)))
     wall = time.perf_counter() - started
     await client.close()
     return {
@@ -156,9 +161,10 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        vllm_config = _config(folder, model, ["dataset", "sample"], args.dtype)
+        vllm_config = _config(folder, model, ["off", "dataset", "sample"], args.dtype)
         tf_config = _config(folder, model, ["dataset"], args.dtype)
-        bare = [str(bin_dir / "vllm"), "serve", model, "--enforce-eager", "--dtype", args.dtype]
+        bare = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+        bare += ["--enforce-eager", "--dtype", args.dtype]
         bare += ["--max-model-len", str(args.max_model_len), "--port", str(args.port)]
         guard = [str(bin_dir / "guardrail"), "serve", "--config", str(vllm_config)]
         guard += ["--backend", "vllm", "--port", str(args.port), *engine]
@@ -166,7 +172,11 @@ def main() -> None:
         plain += ["--port", str(args.port)]
         servers = [
             ("bare vLLM", bare, [("bare vLLM", "none")]),
-            ("guard on vLLM", guard, [("vLLM dataset", "dataset"), ("vLLM sample", "sample")]),
+            (
+                "guard on vLLM",
+                guard,
+                [("vLLM off", "off"), ("vLLM dataset", "dataset"), ("vLLM sample", "sample")],
+            ),
             ("guard on transformers", plain, [("transformers dataset", "dataset")]),
         ]
         for name, command, targets in servers:
@@ -186,13 +196,17 @@ def main() -> None:
                 process.terminate()
                 process.wait(60)
     print(f"\n{args.tokens} tokens per request, requests = max(8, 2 x concurrency)\n")
-    print("| target | conc. | req/s | × bare vLLM | TTFT p50/p99 ms | ITL p50/p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| target | conc. | req/s | × bare vLLM | × vLLM off | TTFT p50/p99 ms "
+        "| ITL p50/p99 ms | errors |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for label, by_c in results.items():
         for c, s in by_c.items():
             ratio = s["rps"] / results["bare vLLM"][c]["rps"]
+            off = s["rps"] / results["vLLM off"][c]["rps"]
             print(
-                f"| {label} | {c} | {s['rps']:.2f} | {ratio:.2f} | "
+                f"| {label} | {c} | {s['rps']:.2f} | {ratio:.2f} | {off:.2f} | "
                 f"{s['ttft_p50_ms']:.0f} / {s['ttft_p99_ms']:.0f} | "
                 f"{s['itl_p50_ms']:.0f} / {s['itl_p99_ms']:.0f} | {s['errors']} |"
             )

@@ -142,6 +142,15 @@ def test_openai_sdk_streaming(served):
     assert text == plain.choices[0].message.content  # greedy: the same answer either way
 
 
+def test_min_tokens_holds_the_stop_token_back(served):
+    """vLLM's ``min_tokens`` extension: the answer runs to ``max_tokens`` whatever the model
+    would have stopped at (and never past it)."""
+    answer = _ask(served, max_tokens=12, extra_body={"min_tokens": 12})
+    assert answer.usage.completion_tokens == 12 and answer.choices[0].finish_reason == "length"
+    capped = _ask(served, max_tokens=3, extra_body={"min_tokens": 50})
+    assert capped.usage.completion_tokens == 3
+
+
 def test_text_only_and_per_app_settings(served):
     answer = served.client("key-b").chat.completions.create(
         model=served.settings.model, messages=[{"role": "user", "content": "hi"}], max_tokens=3

@@ -33,6 +33,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = None
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no stop before
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -71,6 +72,7 @@ class ChatCompletionRequest(BaseModel):
             temperature=temperature,
             top_p=self.top_p if self.top_p is not None and temperature > 0 else 1.0,
             seed=self.seed,
+            min_new_tokens=min(self.min_tokens or 0, max_tokens),
         )
         stops = tuple(self.stops or ())
         return Call(app, request, sampling, tuple(conversation.sources), None, stops, deadline_s)

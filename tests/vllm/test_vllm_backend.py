@@ -100,6 +100,25 @@ def test_calibration_on_vllm_gives_the_transformers_shift(backend, shift):
         assert float(cosine.min()) >= 0.999, cosine
 
 
+@pytest.mark.parametrize("calibrated_on", ["transformers", "vllm"])
+def test_a_vector_calibrated_on_one_runtime_is_found_and_accepted_on_the_other(
+    backend, reference, tmp_path, calibrated_on
+):
+    """Same store, same key: the other runtime finds the vector, its plausibility check (a live
+    measurement on the other runtime) accepts it, and calls run at dataset level with it."""
+    runtimes = {"transformers": reference, "vllm": backend}
+    writer = GuardedVLM(runtimes[calibrated_on])
+    reader = GuardedVLM(runtimes["vllm" if calibrated_on == "transformers" else "transformers"])
+    store = f"file://{tmp_path}"
+    writer.use_store(store, anchor_name="eight", anchors=anchor_prompts()[:8])
+    found = reader.use_store(store, anchor_name="eight", compute_on_miss=False)
+    assert found.vector is not None, found.note
+    output = reader.generate("Describe it.", [synthetic_image(4, (200, 150))], max_new_tokens=4)
+    decision = output.decision
+    assert decision.mode_used == "dataset" and decision.guarded, decision
+    assert decision.shift_key == writer.shifts.key_name
+
+
 def test_unguarded_and_alpha_zero_requests_are_bare_vllm(backend, bare, shift):
     renderings = [_rendering(i, image=i % 2 == 0) for i in range(4)]
     expected = _bare_tokens(bare, backend, renderings)
@@ -161,6 +180,21 @@ def test_a_mixed_step_gives_every_row_its_solo_answer(backend, shift):
     for request in requests:
         assert together[request.id] == _answers(backend, [request])[request.id], request.id
     assert len({tuple(tokens) for tokens in together.values()}) >= 3
+
+
+def test_corrected_states_never_reach_another_request_through_the_prefix_cache(
+    backend, bare, shift
+):
+    """A request corrected at every position leaves corrected keys and values in vLLM's prefix
+    cache; an unguarded request with the same prompt must not reuse them."""
+    rendering = _rendering(7)
+    every = CorrectionShape((25,), "all", "incremental")
+    sampling = Sampling(max_new_tokens=TOKENS)
+    guarded = _answers(
+        backend, [BackendRequest("g", rendering, sampling, Correction(every, 4.0, shift=shift))]
+    )
+    after = _answers(backend, [BackendRequest("u", rendering, sampling)])
+    assert after["u"] == _bare_tokens(bare, backend, [rendering])[0] != guarded["g"]
 
 
 def test_structured_output_through_vllm_is_valid_json_at_both_levels(backend, shift):

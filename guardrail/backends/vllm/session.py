@@ -14,6 +14,8 @@ fails closed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import uuid
 from collections.abc import Sequence
@@ -188,6 +190,8 @@ class VLLMBatch:
                 extra_args=None if c is None else role_spec.extra_args(),
             )
             prompt = backend.prompt(renderings[role])
+            if role == "main" and c is not None:
+                prompt["cache_salt"] = _salt(spec, prompt)
             live.ids[role] = rid
             live.tokens[role] = []
             with backend.lock:
@@ -309,3 +313,13 @@ class VLLMBatch:
         self._finished += 1
         self._live.pop(live.request.id, None)
         self._cancel(live)
+
+
+def _salt(spec: GuardSpec, prompt: dict[str, Any]) -> str:
+    """The prefix-cache salt of a corrected request: its KV cache holds corrected states, which
+    only a request with the same correction and the same prompt may reuse (a shorter prefix,
+    or another correction, computes other states). Reference rows and unguarded requests are
+    plain sequences and share the cache as usual."""
+    signature = {**spec.__dict__, "rid": None, "role": None}
+    blob = json.dumps([signature, prompt["prompt_token_ids"]], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
