@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -156,6 +157,20 @@ class VLLMBackend:
             )
             self._shifts.add(shift_id)
         return shift_id
+
+    def await_grammar(self, request_id: str, timeout_s: float = 60.0) -> None:
+        """Wait until vLLM has compiled ``request_id``'s grammar (it compiles in a thread, and
+        a request waits for it unscheduled: its reference rows, which have none, would run
+        ahead of it). Only an in-process engine core can be asked; elsewhere a broken
+        lockstep is recomputed instead."""
+        core = getattr(self.engine.engine_core, "engine_core", None)
+        request = None if core is None else core.scheduler.requests.get(request_id)
+        structured = getattr(request, "structured_output_request", None)
+        deadline = time.monotonic() + timeout_s
+        while structured is not None and structured.grammar is None:
+            if time.monotonic() > deadline:
+                raise GuardrailError(f"vLLM compiled no grammar for {request_id} in {timeout_s} s")
+            time.sleep(0.001)
 
     def reports(self) -> dict[str, dict[str, Any]]:
         """The workers' reports since the last call, merged (pipeline stages report apart)."""

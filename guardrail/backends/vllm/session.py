@@ -3,8 +3,10 @@
 vLLM owns the schedule: every request is admitted at once, and each session only feeds and
 reads its own requests (the engine's outputs and the workers' reports are routed to the session
 that owns them, so calibration can run beside the service). A sample-level request is three
-vLLM requests (the references first, so that a first-come scheduler never runs the request
-ahead of them); their tokens must agree at every step. When the workers report the lockstep
+vLLM requests: the references first, so that a first-come scheduler never runs the request
+ahead of them; a constrained request first, its grammar compiled before its references are
+added (only it has a grammar: the references are given its masked logits). Their tokens must
+agree at every step. When the workers report the lockstep
 broken (chunked prefill, preemption) or the tokens disagree, the three are recomputed from
 scratch with the same seed once another request of the session has finished (the KV cache that
 preempted them has room again), the tokens already passed on are checked against the
@@ -172,9 +174,9 @@ class VLLMBatch:
             )
             if c.references is not None:
                 renderings["corrupted"], renderings["text"] = c.references
-        for role in _ROLES:
-            if role not in renderings:
-                continue
+        order: tuple[Role, ...] = ("main", "corrupted", "text") if structured else _ROLES
+        roles = [role for role in order if role in renderings]  # (see the module docstring)
+        for role in roles:
             rid = f"{tag}:{role}"
             role_spec = GuardSpec(**{**spec.__dict__, "role": role})
             params = SamplingParams(
@@ -185,7 +187,7 @@ class VLLMBatch:
                 top_k=s.top_k or 0,
                 seed=live.seed,
                 stop_token_ids=sorted(backend.stop_token_ids()),
-                structured_outputs=structured,
+                structured_outputs=structured if role == "main" else None,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args=None if c is None else role_spec.extra_args(),
             )
@@ -197,6 +199,8 @@ class VLLMBatch:
             with backend.lock:
                 backend.mailboxes[rid] = self
                 backend.engine.add_request(rid, prompt, params)
+                if role == "main" and structured is not None and len(roles) > 1:
+                    backend.await_grammar(rid)  # before its references can be scheduled
         backend.mailboxes[tag] = self
 
     def capture(self, prompts: Sequence[dict[str, Any]], span: int) -> list[str]:

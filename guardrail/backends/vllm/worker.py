@@ -16,16 +16,17 @@ only: unguarded and text-only requests in the same step are untouched.
 Sample level runs the request and its two reference sequences (corrupted image, text only) as
 three vLLM requests that must be scheduled in the same steps: the live shift is read from the
 reference rows at each edited layer and subtracted from the request's row in the same pass, and
-the reference rows are given the request's logits, so that they sample (with the same seed) the
-request's own token. A step that runs the three out of line (chunked prefill, preemption, a full
-KV cache) breaks the lockstep: nothing is applied to that request, and the break is reported
-(``cmrm_reports``) so that the backend never passes on a token computed without its shift.
+the reference rows are given the request's logits (after its grammar mask, just before
+sampling), so that they sample (with the same seed) the request's own token. A step that runs
+the three out of line (chunked prefill, preemption, a full KV cache) breaks the lockstep:
+nothing is applied to that request, and the break is reported (``cmrm_reports``) so that the
+backend never passes on a token computed without its shift.
 
 vLLM internals used (pinned version, see the README): ``GPUModelRunner._prepare_inputs``,
 ``input_batch.req_ids``, ``input_batch.num_computed_tokens_cpu``, ``query_start_loc.cpu``,
-``requests[id].sampling_params / prompt_token_ids / num_prompt_tokens``, the model's
-``get_language_model().model.layers`` and ``compute_logits``; eager mode (the hooks are not
-captured in CUDA graphs).
+``requests[id].sampling_params / prompt_token_ids / num_prompt_tokens``,
+``GPUModelRunner._sample`` (logits in ``input_batch`` order, grammar mask applied), the model's
+``get_language_model().model.layers``; eager mode (the hooks are not captured in CUDA graphs).
 """
 
 from __future__ import annotations
@@ -159,16 +160,12 @@ class GuardState:
         for index, layer in enumerate(self.layers):
             if isinstance(layer, nn.Module) and type(layer).__name__ != "PPMissingLayer":
                 layer.register_forward_hook(self._hook(index))
-        original = model.compute_logits
 
-        def compute_logits(hidden: torch.Tensor) -> torch.Tensor | None:
-            logits: torch.Tensor | None = original(hidden)
-            if logits is not None:
-                for source, targets in self.plan.force:
-                    logits[targets] = logits[source].clone()
-            return logits
-
-        model.compute_logits = compute_logits
+    def forced(self, logits: torch.Tensor | None) -> None:
+        """Give reference rows their request's logits (after its grammar mask), in place."""
+        if logits is not None:
+            for source, targets in self.plan.force:
+                logits[targets] = logits[source].clone()
 
     # ------------------------------------------------------------ the step's plan
 
@@ -358,14 +355,18 @@ class GuardWorkerExtension:
         runner = self.model_runner
         if getattr(runner, "_cmrm", None) is None:
             state = GuardState(runner.get_model(), image_token_id)
-            prepare = runner._prepare_inputs
+            prepare, sample = runner._prepare_inputs, runner._sample
 
             def prepare_inputs(scheduler_output: Any, scheduled: np.ndarray) -> Any:
                 result = prepare(scheduler_output, scheduled)
                 state.begin_step(runner, scheduled)
                 return result
 
-            runner._prepare_inputs = prepare_inputs
+            def sample_tokens(logits: torch.Tensor | None, *args: Any) -> Any:
+                state.forced(logits)  # after the request's grammar mask, before sampling
+                return sample(logits, *args)
+
+            runner._prepare_inputs, runner._sample = prepare_inputs, sample_tokens
             runner._cmrm = state
         return len(runner._cmrm.layers)
 
