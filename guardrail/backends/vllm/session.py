@@ -19,19 +19,36 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from guardrail.backends.base import BackendRequest, Finish, StepEvent
 from guardrail.backends.vllm.worker import GuardSpec, Role
+from guardrail.constraints import OutputConstraint
 from guardrail.errors import GuardUnavailableError
+from guardrail.requests import Rendering
+from shift_store import ShiftVector
 
-if TYPE_CHECKING:
-    from guardrail.backends.vllm.backend import VLLMBackend
+
+class Host(Protocol):
+    """What a session needs of its backend (:class:`~guardrail.backends.vllm.VLLMBackend`)."""
+
+    engine: Any  # vLLM's LLMEngine
+    lock: threading.Lock  # one thread steps the engine at a time
+    mailboxes: dict[str, Any]  # request id -> the session that owns it
+
+    def prompt(self, rendering: Rendering) -> dict[str, Any]: ...
+    def grammar(self, constraint: OutputConstraint) -> str: ...
+    def register_shift(self, shift: ShiftVector) -> str: ...
+    def reports(self) -> dict[str, dict[str, Any]]: ...
+    def await_grammar(self, request_id: str, timeout_s: float = 60.0) -> None: ...
+    def stop_token_ids(self) -> set[int]: ...
+
 
 MAX_TRIES = 5
 _ROLES: tuple[Role, ...] = ("corrupted", "text", "main")
@@ -63,7 +80,7 @@ class _Live:
 class VLLMBatch:
     """The guard's requests on a shared vLLM engine (see the module docstring)."""
 
-    def __init__(self, backend: VLLMBackend) -> None:
+    def __init__(self, backend: Host) -> None:
         self._backend = backend
         self._id = uuid.uuid4().hex[:12]
         self._live: dict[str, _Live] = {}
