@@ -27,6 +27,7 @@ from guardrail.backends.vllm import VLLMBackend
 from guardrail.calibration import compute_dataset_shift
 from guardrail.config import CorruptionSpec
 from guardrail.constraints import OutputConstraint
+from guardrail.errors import InvalidInputError
 from guardrail.requests import GuardRequest, Rendering, corrupted, text_only
 from guardrail.service import AppSpec, Call, GuardService
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
@@ -84,6 +85,11 @@ def _answers(session_backend, requests: list[BackendRequest]) -> dict[str, list[
     answers = run_to_completion(session_backend.open_batch(), requests)
     assert all(a.error is None for a in answers.values()), answers
     return {rid: a.tokens for rid, a in answers.items()}
+
+
+def test_an_engine_that_would_skip_the_hooks_is_refused(path):
+    with pytest.raises(InvalidInputError, match="eager"):
+        VLLMBackend.from_pretrained(path, enforce_eager=False)
 
 
 def test_a_checkpoint_has_one_fingerprint_whichever_runtime_loads_it(backend, reference):

@@ -26,7 +26,7 @@ from guardrail.backends.transformers import placeholders_of, render_prompt, reso
 from guardrail.backends.vllm.session import VLLMBatch
 from guardrail.backends.vllm.worker import pack, unpack
 from guardrail.constraints import OutputConstraint
-from guardrail.errors import GuardrailError
+from guardrail.errors import GuardrailError, InvalidInputError
 from guardrail.families import ModelFamily
 from guardrail.requests import Rendering
 from guardrail.tool_formats import tool_format
@@ -34,7 +34,11 @@ from guardrail.tools import takes_tools
 from shift_store import ShiftVector
 
 EXTENSION = "guardrail.backends.vllm.worker.GuardWorkerExtension"
-_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM reads it when an engine is made
+_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_EAGER = (
+    "the guard's hooks run only in eager mode (captured CUDA graphs or compiled graphs would "
+    "skip them, leaving requests uncorrected): keep enforce_eager=True"
+)  # vLLM reads it when an engine is made
 # What the guard needs of vLLM's engine: eager mode (its hooks cannot live in captured graphs).
 ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
 
@@ -52,8 +56,16 @@ class VLLMBackend:
         self, llm: Any, name_or_path: str, family: ModelFamily | str | None = None
     ) -> None:
         self.engine = getattr(llm, "llm_engine", llm)
+        config = self.engine.vllm_config
+        if not config.model_config.enforce_eager:
+            raise InvalidInputError(_EAGER)
+        if config.speculative_config is not None:
+            raise InvalidInputError(
+                "the guard does not follow speculative decoding (several tokens per request "
+                "and step): start the engine without a speculative config"
+            )
         self.name_or_path = name_or_path
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path)  # the checkpoint's own (transformers)
         self.family = resolve_family(family, config)
         self.processor = load_processor(name_or_path, self.family)
         self.tokenizer: PreTrainedTokenizerBase = (
@@ -98,6 +110,8 @@ class VLLMBackend:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        if engine_kwargs.get("enforce_eager") is False:
+            raise InvalidInputError(_EAGER)
         kwargs = {**ENGINE_DEFAULTS, **engine_kwargs, "worker_extension_cls": EXTENSION}
         args = EngineArgs(model=name_or_path, **kwargs)
         previous = os.environ.get(_IN_PROCESS)
