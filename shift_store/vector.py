@@ -123,7 +123,9 @@ class ShiftVector:
         """Raise :class:`ShiftSignatureError` unless signed with ``key``."""
         if self.signature is None:
             raise ShiftSignatureError("unsigned shift vector refused: a signing key is set")
-        if not hmac.compare_digest(self.signature, self._hmac(key)):
+        # as bytes: compare_digest raises TypeError on non-ASCII text, which a writer controls
+        given = self.signature.encode("utf-8", "surrogatepass")
+        if not hmac.compare_digest(given, self._hmac(key).encode()):
             raise ShiftSignatureError("shift vector signature does not match the key")
 
     @property

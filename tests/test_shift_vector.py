@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from shift_store import ModelFingerprint, ShiftFormatError, ShiftMeta, ShiftVector
+from shift_store import (
+    ModelFingerprint,
+    ShiftFormatError,
+    ShiftMeta,
+    ShiftSignatureError,
+    ShiftVector,
+)
 
 
 def _vector(layers: int = 3, hidden: int = 8) -> ShiftVector:
@@ -60,3 +68,12 @@ def test_wrong_shape_dtype_or_values_are_rejected():
     ):
         with pytest.raises(ShiftFormatError):
             ShiftVector(vectors=bad, meta=good.meta)
+
+
+@pytest.mark.parametrize("signature", ["é" * 64, "\udcff", "", "0" * 64])
+def test_any_forged_signature_is_a_signature_error(signature):
+    """A writer without the key controls the signature field: non-ASCII text too must be a
+    typed refusal, not a TypeError from the comparison."""
+    forged = replace(_vector().signed(b"key"), signature=signature)
+    with pytest.raises(ShiftSignatureError):
+        forged.verify(b"key")
