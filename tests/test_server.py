@@ -370,7 +370,10 @@ def test_guardrail_serve_drains_in_flight_requests_on_sigterm(tiny_path, tmp_pat
         assert response.json()["usage"]["completion_tokens"] > 0
         # uvicorn re-raises the signal once it has shut down gracefully
         assert process.wait(60) in (0, -signal.SIGTERM)
-        assert "development mode" in process.stderr.read()
+        log = process.stderr.read()
+        assert "development mode" in log
+        safety = response.json()["safety"]
+        assert safety["guarded"] and safety["call_id"] in log  # guarded decisions are logged too
     finally:
         if process.poll() is None:
             process.kill()

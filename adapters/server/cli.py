@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from typing import Any
 
@@ -40,6 +41,13 @@ def register(commands: argparse._SubParsersAction) -> None:  # type: ignore[type
     p.add_argument("--replicas", type=int, default=0, help="run the model in N Ray Serve replicas")
     p.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (with --replicas)")
     p.add_argument("--hash-key", metavar="KEY", help="print the key_sha256 of KEY and exit")
+    p.add_argument(
+        "--decision-log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING"],
+        help="level of the guardrail.decisions log (JSON lines on stderr; unguarded multimodal "
+        "decisions are WARNING, the others INFO)",
+    )
     add_guard_flags(p)  # given flags override every app's guard config
     p.set_defaults(func=serve)
 
@@ -66,6 +74,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from adapters.server.app import create_app
 
+    logging.getLogger("guardrail.decisions").setLevel(args.decision_log_level)
     options = dict(
         family=args.family,
         device=args.device,
