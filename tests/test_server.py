@@ -160,6 +160,13 @@ def test_text_only_and_per_app_settings(served):
     assert (beta["app"], beta["alpha"]) == ("beta", 0.5)
 
 
+def test_the_api_schema_and_its_pages_are_off_unless_enabled(served, tiny_path):
+    for page in ("/docs", "/redoc", "/openapi.json"):
+        assert httpx.get(f"{served.url}{page}").status_code == 404
+    enabled = ServerSettings.development_mode(str(tiny_path), docs=True)
+    assert "/openapi.json" in {route.path for route in create_app(enabled).routes}
+
+
 def test_models_health_and_metrics(served):
     models = served.client("key-a").models.list()
     assert [m.id for m in models.data] == [served.settings.model]

@@ -96,7 +96,14 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             api.state.runner = local
         yield
 
-    api = FastAPI(title="cmrm-guardrail", lifespan=lifespan)
+    docs = settings.docs  # the schema and its pages answer without a key: off unless asked
+    api = FastAPI(
+        title="cmrm-guardrail",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
 
     @api.exception_handler(Exception)
     async def unexpected(_request: Request, error: Exception) -> JSONResponse:

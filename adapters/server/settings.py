@@ -66,6 +66,7 @@ class ServerSettings(BaseModel):
     port: int = 8000
     apps: tuple[AppSettings, ...]
     development: bool = False
+    docs: bool = False  # serve /docs, /redoc and /openapi.json (they need no key)
 
     @model_validator(mode="after")
     def _checked(self) -> ServerSettings:
