@@ -233,13 +233,16 @@ class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
             conversation.messages, conversation.images, tools=offered, constraint=constraint
         )
         temperature = kw.get("temperature", self.temperature)
-        sampling = Sampling(
-            max_new_tokens=kw.get("max_tokens", self.max_tokens),
-            temperature=temperature,
-            top_p=kw.get("top_p", self.top_p) if temperature > 0 else 1.0,
-            top_k=kw.get("top_k") if temperature > 0 else None,
-            seed=kw.get("seed"),
-        )
+        try:
+            sampling = Sampling(
+                max_new_tokens=kw.get("max_tokens", self.max_tokens),
+                temperature=temperature,
+                top_p=kw.get("top_p", self.top_p) if temperature > 0 else 1.0,
+                top_k=kw.get("top_k") if temperature > 0 else None,
+                seed=kw.get("seed"),
+            )
+        except GuardrailError as e:
+            raise self._service.refuse(self._key, e) from None
         sources = tuple(conversation.sources)
         stops = tuple(stop or self.stop or ())
         return Call(

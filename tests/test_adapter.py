@@ -240,6 +240,13 @@ def test_bad_images_are_refused_with_a_decision(tiny_chat, data, match, caplog):
     assert logged[-1]["mode_used"] == "refused" and "InvalidImageError" in logged[-1]["reason"]
 
 
+@pytest.mark.parametrize("options", [{"max_tokens": -1}, {"seed": 2**80, "temperature": 0.5}])
+def test_impossible_sampling_settings_are_refused_with_a_decision(tiny_chat, options):
+    with pytest.raises(InvalidInputError) as info:
+        tiny_chat.invoke([openai_image()], **options)
+    assert info.value.decision is not None and info.value.decision.mode_used == "refused"
+
+
 def test_bad_base64_and_unsupported_blocks(tiny_chat):
     with pytest.raises(InvalidImageError, match="base64"):
         tiny_chat.invoke(

@@ -242,6 +242,9 @@ def test_bad_input_is_400_with_the_typed_message(served):
         _ask(served, max_tokens=65)
     with pytest.raises(openai.BadRequestError, match="logprobs"):
         _ask(served, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match=r"seed must be in") as caught:
+        _ask(served, seed=2**80, temperature=0.7)
+    assert caught.value.response.json()["safety"]["mode_used"] == "refused"
     with pytest.raises(openai.NotFoundError):
         served.client("key-a").chat.completions.create(
             model="gpt-4o", messages=[IMAGE_MESSAGE], max_tokens=2

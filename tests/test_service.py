@@ -111,3 +111,21 @@ def test_text_stream_holds_back_what_may_become_a_stop_string_or_tool_call():
     tools = TextStream(Chars(), hold_from=["<tool_call>"])
     out = "".join(tools.feed(ord(c)) for c in 'ok <tool_call>{"name": "f"}') + tools.finish()
     assert out == "ok " and tools.text.endswith('{"name": "f"}')
+
+
+@pytest.mark.parametrize(
+    "values, problem",
+    [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"seed": 2**80, "temperature": 0.7}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"min_new_tokens": -2}, "min_new_tokens"),
+    ],
+)
+def test_sampling_no_runtime_can_honour_is_a_typed_error(values, problem):
+    with pytest.raises(InvalidInputError, match=problem):
+        Sampling(**values)

@@ -12,6 +12,7 @@ one forward pass with a :class:`~guardrail.backends.hooks.LayerPlan` and returns
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -22,6 +23,7 @@ from transformers import PreTrainedTokenizerBase, ProcessorMixin
 from guardrail.backends.hooks import LayerPlan
 from guardrail.config import Positions, Stacking
 from guardrail.constraints import OutputConstraint
+from guardrail.errors import InvalidInputError
 from guardrail.families import ModelFamily
 from guardrail.requests import Rendering
 from guardrail.tool_formats import ToolCallFormat
@@ -44,6 +46,24 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     min_new_tokens: int = 0  # stop tokens are not chosen before this many
+
+    def __post_init__(self) -> None:
+        """Refuse values no runtime can honour (a typed error, whichever front end sent them)."""
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            problems.append(f"min_new_tokens must be at least 0, got {self.min_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be finite and at least 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 1:
+            problems.append(f"top_k must be at least 1, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            problems.append(f"seed must be in [0, 2**63), got {self.seed}")
+        if problems:
+            raise InvalidInputError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:
