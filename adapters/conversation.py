@@ -39,10 +39,12 @@ class Conversation:
         )
         self.messages.append({"role": role, "content": content, **extra})
 
-    def image_part(self, data: bytes, source: ImageSource) -> dict[str, Any]:
-        """Keep an image and return its placeholder part."""
+    def image_part(self, data: bytes, source: ImageSource, role: str) -> dict[str, Any]:
+        """Keep an image and return its placeholder part. Only the user's and the system's
+        images keep their ``source``: in a message of any other role (a tool or function
+        result, an assistant turn, a role no policy knows) an image counts as ``tool``."""
         self.images.append(data)
-        self.sources.append(source)
+        self.sources.append(source if role in ("user", "system") else "tool")
         return {"type": "image"}
 
 

@@ -61,7 +61,8 @@ def _tool_calls(message: AIMessage) -> list[dict[str, Any]]:
 
 def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher) -> Conversation:
     """Convert LangChain messages (OpenAI ``image_url`` blocks, v1 image blocks, plain text,
-    tool calls and tool results). An image in a tool result has the source ``tool``."""
+    tool calls and tool results). An image in a message of any role but user and system (a
+    tool result, say) has the source ``tool``."""
     conversation = Conversation()
     for message in messages:
         role = _role(message)
@@ -77,7 +78,7 @@ def to_conversation(messages: Sequence[BaseMessage], fetcher: RemoteImageFetcher
                     data = decode_base64(block["base64"], fetcher.max_bytes)
                 else:
                     data, source = image_from_url(block.get("url") or "", fetcher)
-                parts.append(conversation.image_part(data, "tool" if role == "tool" else source))
+                parts.append(conversation.image_part(data, source, role))
             elif kind in ("reasoning", "tool_call", "tool_call_chunk", "invalid_tool_call"):
                 continue  # history the model produced itself; no text to replay
             elif kind == "non_standard" and role == "assistant":

@@ -19,7 +19,7 @@ import torch
 from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.globals import set_llm_cache
-from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.messages import ChatMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableLambda
 from PIL import Image
 
@@ -294,6 +294,11 @@ def test_trust_policies_choose_the_shift_level(tiny_path, tmp_path, image_server
     assert "remote" in remote["trust_reason"]
     override = chat.invoke([openai_image()], trust="untrusted").response_metadata["safety"]
     assert override["mode_used"] == "sample" and "caller override" in override["trust_reason"]
+    # an inline image in a message of a role the policy does not know is not the user's
+    for role in ("function", "observation", "assistant"):
+        other = ChatMessage(role=role, content=openai_image().content)
+        safety = chat.invoke([HumanMessage("Look."), other]).response_metadata["safety"]
+        assert safety["trusted"] is False and safety["mode_used"] == "sample", role
 
 
 def test_anchor_distance_policy_and_custom_policy(tiny_path, tmp_path):

@@ -109,7 +109,7 @@ def openai_conversation(messages: list[dict[str, Any]], fetcher: Any) -> Convers
                 data, source = image_from_url(
                     url.get("url") if isinstance(url, dict) else url, fetcher
                 )
-                parts.append(conversation.image_part(data, "tool" if role == "tool" else source))
+                parts.append(conversation.image_part(data, source, role))
             else:
                 raise UnsupportedContentError(f"content part of type {kind!r} is not supported")
         extra: dict[str, Any] = {}
