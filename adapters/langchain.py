@@ -10,8 +10,8 @@ callbacks as the custom event ``guardrail_decision``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import Any, Self
 
 from langchain_core.caches import BaseCache
 from langchain_core.callbacks import CallbackManagerForLLMRun
@@ -132,9 +132,22 @@ class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
             max_bytes=self.max_image_bytes,
             timeout_s=self.image_timeout_s,
         )
-        if self.cache is not False and not isinstance(self.cache, GuardedCache):
-            inner = self.cache if isinstance(self.cache, BaseCache) else None
-            self.cache = GuardedCache(inner, get_llm_cache)
+        self.cache = self.cache  # wrapped by __setattr__
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A cache set at any time is wrapped: it stores only guarded answers, under the guard's
+        key, and a replay gets its own decision record."""
+        if name == "cache" and value is not False and not isinstance(value, GuardedCache):
+            value = GuardedCache(value if isinstance(value, BaseCache) else None, get_llm_cache)
+        super().__setattr__(name, value)
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy whose changed settings take effect: flat guard fields fold into ``guard``,
+        and the copy registers its own app with the service."""
+        values = fold_guard_fields({"guard": self.guard, **(update or {})})
+        copied = super().model_copy(update=values, deep=deep)
+        copied.model_post_init(None)
+        return copied
 
     @classmethod
     def from_model_id(

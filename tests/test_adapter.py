@@ -23,6 +23,7 @@ from langchain_core.messages import ChatMessage, HumanMessage, SystemMessage
 from langchain_core.runnables import RunnableLambda
 from PIL import Image
 
+from adapters.caching import GuardedCache
 from adapters.langchain import ChatGuardedVLM
 from adapters.messages import UnsupportedContentError
 from adapters.remote_images import ImageFetchError, RemoteImageFetcher
@@ -776,3 +777,18 @@ def test_guard_errors_are_also_langchains_provider_neutral_exceptions(
         closed.invoke([openai_image()])
     assert isinstance(unavailable.value, ModelAPIError) and unavailable.value.is_retryable
     assert unavailable.value.decision.mode_used == "unguarded"
+
+
+def test_a_cache_set_after_construction_is_guarded_too(tiny_chat):
+    copy = tiny_chat.model_copy()
+    copy.cache = InMemoryCache()
+    assert isinstance(copy.cache, GuardedCache)
+    copy.cache = False
+    assert copy.cache is False
+
+
+def test_a_copy_with_changed_guard_settings_runs_with_them(tiny_chat):
+    copied = tiny_chat.model_copy(update={"alpha": 0.3, "on_unavailable": "unguarded"})
+    assert (copied.guard.alpha, copied.guard.on_unavailable) == (0.3, "unguarded")
+    assert copied.invoke([openai_image()]).response_metadata["safety"]["alpha"] == 0.3
+    assert tiny_chat.invoke([openai_image()]).response_metadata["safety"]["alpha"] == 1.0
