@@ -1,5 +1,7 @@
-"""Signing as one wrapper around any store: vectors are signed with HMAC-SHA256 on put, and a
-vector that is unsigned or signed with another key is refused on every get."""
+"""Signing as one wrapper around any store: vectors are signed with HMAC-SHA256 on put, bound to
+their entry (namespace and key: model, corruption, position, anchor set, format), and a vector
+that is unsigned, signed with another key or signed for another entry is refused on every
+get."""
 
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ class SignedStore:
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
         found = self.inner.get(key)
         if found is not None:
-            found[0].verify(self._key)
+            found[0].verify(self._key, self._entry(key))
         return found
 
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
-        return self.inner.put(key, vector.signed(self._key))
+        return self.inner.put(key, vector.signed(self._key, self._entry(key)))
+
+    def _entry(self, key: ShiftKey) -> str:
+        return f"{self.namespace}/{key.name}"
 
     def version(self, key: ShiftKey) -> str | None:
         return self.inner.version(key)

@@ -111,21 +111,23 @@ class ShiftVector:
         digest.update(self.meta.model_dump_json().encode())  # metadata is covered too
         object.__setattr__(self, "checksum", digest.hexdigest())
 
-    def _hmac(self, key: bytes) -> str:
-        return hmac.new(key, self.checksum.encode(), hashlib.sha256).hexdigest()
+    def _hmac(self, key: bytes, context: str) -> str:
+        message = f"{self.checksum}\n{context}".encode()
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
 
-    def signed(self, key: bytes) -> ShiftVector:
-        """This vector with its HMAC-SHA256 signature under ``key`` (over the checksum, so over
-        every tensor and the metadata)."""
-        return replace(self, signature=self._hmac(key))
+    def signed(self, key: bytes, context: str = "") -> ShiftVector:
+        """This vector with its HMAC-SHA256 signature under ``key``, over the checksum (so
+        over every tensor and the metadata) and ``context`` (where it is stored: a signed
+        vector copied to another entry no longer verifies)."""
+        return replace(self, signature=self._hmac(key, context))
 
-    def verify(self, key: bytes) -> None:
-        """Raise :class:`ShiftSignatureError` unless signed with ``key``."""
+    def verify(self, key: bytes, context: str = "") -> None:
+        """Raise :class:`ShiftSignatureError` unless signed with ``key`` for ``context``."""
         if self.signature is None:
             raise ShiftSignatureError("unsigned shift vector refused: a signing key is set")
         # as bytes: compare_digest raises TypeError on non-ASCII text, which a writer controls
         given = self.signature.encode("utf-8", "surrogatepass")
-        if not hmac.compare_digest(given, self._hmac(key).encode()):
+        if not hmac.compare_digest(given, self._hmac(key, context).encode()):
             raise ShiftSignatureError("shift vector signature does not match the key")
 
     @property

@@ -368,6 +368,30 @@ def test_a_signed_store_refuses_unsigned_and_foreign_signed_vectors(
         open_store(f"{base}&key_env=CMRM_TEST_SIGNING_KEY")
 
 
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_a_signed_vector_copied_to_another_entry_is_refused(backend, tmp_path, namespace):
+    """A writer without the key copies a vector the deployment signed for one app (namespace)
+    or anchor set over another entry: the signature binds the entry, so it is refused."""
+    root = f"file://{tmp_path}" if backend == "local" else SHARED_REDIS
+    stores = {
+        name: open_store(f"{root}?namespace={namespace}-{name}", signing_key=b"k")
+        for name in ("support", "search")
+    }
+    raw_search = open_store(f"{root}?namespace={namespace}-search")  # same place, no key
+    vector = make_vector()
+    key = key_of(vector)
+    stores["support"].put(key, vector)
+    signed_for_support = stores["support"].inner.get(key)[0]
+    raw_search.put(key, signed_for_support)  # copied over the other app's entry
+    with pytest.raises(ShiftSignatureError, match="does not match"):
+        stores["search"].get(key)
+    other_anchor = key.model_copy(update={"anchor": "another-anchor-set"})
+    stores["support"].inner.put(other_anchor, signed_for_support)
+    with pytest.raises(ShiftSignatureError, match="does not match"):
+        stores["support"].get(other_anchor)
+    assert stores["support"].get(key)[0].checksum == vector.checksum
+
+
 def test_the_checksum_covers_the_metadata(tmp_path):
     """Editing a stored vector's metadata (say, the anchor-distance threshold that the trust
     policy reads) without recomputing the checksum is caught even without a key."""
