@@ -15,6 +15,7 @@ from shift_store.base import (
     StoreUnavailableError,
 )
 from shift_store.cache import CachedShiftSource, Lookup
+from shift_store.errors import InvalidNamespaceError
 from shift_store.local import LocalShiftStore
 from shift_store.local import open_url as local_url
 from shift_store.signing import SignedStore
@@ -102,6 +103,7 @@ def _key_from_env(name: str) -> bytes:
 __all__ = [
     "FORMAT_VERSION",
     "CachedShiftSource",
+    "InvalidNamespaceError",
     "LocalShiftStore",
     "Lookup",
     "ModelFingerprint",

@@ -16,6 +16,7 @@ from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
 from shift_store.base import ShiftKey, StoredShift, StoreUnavailableError
+from shift_store.errors import check_namespace
 from shift_store.vector import ShiftFormatError, ShiftVector, read_meta
 
 log = logging.getLogger("shift_store")
@@ -57,7 +58,7 @@ class LocalShiftStore:
     ) -> None:
         self.signed = False
         root = Path(folder or platformdirs.user_cache_dir("cmrm-guardrail")) / "shifts"
-        self.namespace = namespace
+        self.namespace = check_namespace(namespace)
         self.folder = root / namespace
         try:
             self.folder.mkdir(parents=True, exist_ok=True)

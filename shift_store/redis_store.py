@@ -16,6 +16,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from shift_store.base import ShiftKey, StoredShift, StoreUnavailableError
+from shift_store.errors import check_namespace
 from shift_store.vector import ShiftFormatError, ShiftMeta, ShiftVector
 
 log = logging.getLogger("shift_store")
@@ -59,7 +60,7 @@ class RedisShiftStore:
         ttl_s: int | None = None,
     ) -> None:
         self.client = client
-        self.namespace = namespace
+        self.namespace = check_namespace(namespace)
         self.ttl_s = ttl_s
         self.signed = False
         self._prefix = f"cmrm:{namespace}:"

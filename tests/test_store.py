@@ -20,6 +20,7 @@ from safetensors.torch import save as st_save
 
 from shift_store import (
     CachedShiftSource,
+    InvalidNamespaceError,
     LocalShiftStore,
     ShiftFormatError,
     ShiftKey,
@@ -390,6 +391,16 @@ def test_a_signed_vector_copied_to_another_entry_is_refused(backend, tmp_path, n
     with pytest.raises(ShiftSignatureError, match="does not match"):
         stores["support"].get(other_anchor)
     assert stores["support"].get(key)[0].checksum == vector.checksum
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+@pytest.mark.parametrize("name", ["../../x", "a/b", "a:b", "..", "", "with space", "x" * 200])
+def test_a_namespace_that_names_another_place_is_refused(backend, name, tmp_path):
+    root = tmp_path / "root"
+    url = f"file://{root}" if backend == "local" else SHARED_REDIS
+    with pytest.raises(InvalidNamespaceError):
+        open_store(url, namespace=name)
+    assert not any(tmp_path.rglob("x")) and not (tmp_path / "a").exists()
 
 
 def test_the_checksum_covers_the_metadata(tmp_path):
