@@ -21,16 +21,25 @@ MAX_PIXELS = 16_000_000
 # by default, Idefics3 2.1 MP, Llama-3.2-Vision 1.3 MP, LLaVA-NeXT and Gemma 3 less), so a larger
 # image is reduced right after decoding, before any copy (the processor would shrink it anyway).
 WORKING_PIXELS = 4_000_000
+# Longest side over shortest side. Processors scale the shortest side up to their working size,
+# so a 1-pixel-high image of a few hundred bytes would otherwise cost gigabytes after the resize
+# (a 661-byte 200000x1 PNG took 2 GB and 8 s); no photo, screenshot or document page comes near.
+MAX_ASPECT_RATIO = 20.0
 
 
 def load_image(
-    source: ImageInput, max_pixels: int = MAX_PIXELS, working_pixels: int = WORKING_PIXELS
+    source: ImageInput,
+    max_pixels: int = MAX_PIXELS,
+    working_pixels: int = WORKING_PIXELS,
+    max_aspect_ratio: float = MAX_ASPECT_RATIO,
 ) -> Image.Image:
     """Open and decode an image as RGB, or raise :class:`InvalidImageError`.
 
     Takes a PIL image, raw bytes or a local path. Truncated files, non-image data, decompression
-    bombs and images over ``max_pixels`` are refused with a clear message (a JPEG is decoded at
-    1/2, 1/4 or 1/8 scale when that is enough). An image over ``working_pixels`` is reduced
+    bombs, images over ``max_pixels`` and images longer than ``max_aspect_ratio`` times their
+    width (what the processor's resize would amplify) are refused with a clear message, from the
+    header, before any pixel is decoded (a JPEG is decoded at 1/2, 1/4 or 1/8 scale when that
+    is enough). An image over ``working_pixels`` is reduced
     by an integer factor (aspect ratio kept) before it is converted or copied.
     """
     try:
@@ -43,6 +52,11 @@ def load_image(
         else:
             raise InvalidImageError(f"unsupported image type {type(source).__name__}")
         width, height = image.size
+        if min(width, height) >= 1 and max(width, height) > max_aspect_ratio * min(width, height):
+            raise InvalidImageError(
+                f"image dimensions {width}x{height} are too elongated "
+                f"(at most {max_aspect_ratio:g}:1; the model's resize would enlarge it)"
+            )
         if width * height > working_pixels and image.format == "JPEG":
             factor = _reduction(width, height, working_pixels)
             image.draft("RGB", (width // factor, height // factor))  # decodes at 1/2..1/8

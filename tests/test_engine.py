@@ -380,6 +380,18 @@ def test_images_over_the_pixel_budget_are_refused_before_decoding(tiny_vlm):
         strict.generate("What?", [synthetic_image(1, (48, 40))], max_new_tokens=2)
 
 
+@pytest.mark.parametrize("size", [(200_000, 1), (2000, 1), (1, 5000), (2100, 100)])
+def test_elongated_images_are_refused_from_their_header(tiny_vlm, size):
+    """A 1-pixel-high PNG of a few hundred bytes is within any pixel budget, but the processor's
+    resize (shortest side up to its working size) would blow it up to gigabytes."""
+    data = _encoded(Image.new("L", size), "PNG")
+    assert len(data) < 10_000
+    with pytest.raises(InvalidImageError, match="too elongated") as info:
+        tiny_vlm.generate("What?", [data], max_new_tokens=2)
+    assert info.value.decision.mode_used == "refused"
+    assert render_request(GuardRequest("What?", [_encoded(Image.new("L", (2000, 100)), "PNG")]))
+
+
 def test_large_images_are_reduced_to_a_working_size_right_after_decoding():
     jpeg = _encoded(synthetic_image(2, (6000, 3000)), "JPEG")  # 18 MP: over the budget
     assert render_request(GuardRequest("What?", [jpeg])).images[0].size == (1500, 750)
