@@ -15,6 +15,11 @@ from shift_store.vector import FORMAT_VERSION, ShiftMeta, ShiftVector
 __all__ = ["ShiftKey", "ShiftStore", "StoreError", "StoreUnavailableError", "StoredShift"]
 
 
+# A stored entry larger than this is refused unread, in every store: a 70B model's vector
+# (80 x 8192 float32, prompt and decode) is about 5 MB.
+MAX_ENTRY_BYTES = 64 * 1024 * 1024
+
+
 class ShiftKey(BaseModel):
     """What a stored vector fits: model, corruption, measurement position, anchor set, format.
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import SplitResult
 
 import platformdirs
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
+from shift_store import base
 from shift_store.base import ShiftKey, StoredShift, StoreUnavailableError
 from shift_store.errors import check_namespace
 from shift_store.vector import ShiftFormatError, ShiftVector, read_meta
@@ -41,6 +44,27 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def _open_entry(path: Path) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """A stored entry opened for reading, if it is a regular file within the size cap (a named
+    pipe, a directory, a device or an oversized file that a store writer put at a key's path
+    is a format error, found without reading or blocking)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO does not block its opener
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ShiftFormatError(f"{path.name} is not a regular file")
+        if st.st_size > base.MAX_ENTRY_BYTES:
+            raise ShiftFormatError(
+                f"{path.name} has {st.st_size:,} bytes, over the {base.MAX_ENTRY_BYTES:,}-byte cap"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        yield f, st
 
 
 def _version(st: os.stat_result) -> str:
@@ -80,13 +104,12 @@ class LocalShiftStore:
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
         path = self._path(key)
         try:
-            with path.open("rb") as f:
-                version = _version(os.fstat(f.fileno()))
-                payload = f.read()
+            with _open_entry(path) as (f, st):
+                version = _version(st)
+                payload = f.read(base.MAX_ENTRY_BYTES + 1)
+            return ShiftVector.from_bytes(payload), version
         except FileNotFoundError:
             return None
-        try:
-            return ShiftVector.from_bytes(payload), version
         except ShiftFormatError as e:
             log.warning("rejected shift file %s: %s", path, e)
             raise
@@ -131,7 +154,7 @@ class LocalShiftStore:
             if path.name.startswith(_TMP):
                 continue
             try:
-                with path.open("rb") as f:
+                with _open_entry(path) as (f, _):
                     meta = read_meta(f)
             except (OSError, ShiftFormatError) as e:
                 log.warning("unreadable shift file %s: %s", path, e)

@@ -15,6 +15,7 @@ from redis.exceptions import LockError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from shift_store import base
 from shift_store.base import ShiftKey, StoredShift, StoreUnavailableError
 from shift_store.errors import check_namespace
 from shift_store.vector import ShiftFormatError, ShiftMeta, ShiftVector
@@ -46,6 +47,15 @@ def make_client(
         **kwargs,
     }
     return redis.Redis.from_url(url, retry=retry, decode_responses=False, **options)
+
+
+# One round trip, atomically: the payload's size first, and the payload only within the cap
+# (a writer could otherwise make every reader fetch and hold a field of any size).
+_BOUNDED_GET = """
+local size = redis.call('HSTRLEN', KEYS[1], 'payload')
+if size > tonumber(ARGV[1]) then return {size} end
+return {size, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'sha256')}
+"""
 
 
 class RedisShiftStore:
@@ -87,9 +97,14 @@ class RedisShiftStore:
         return _text(value, self.redis_key(key)) if value else None
 
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
-        fields = self._call("get", self.client.hmget, self.redis_key(key), ["payload", "sha256"])
-        payload, version = fields
-        if payload is None:
+        name = self.redis_key(key)
+        fields = self._call("get", self.client.eval, _BOUNDED_GET, 1, name, base.MAX_ENTRY_BYTES)
+        if len(fields) == 1:  # over the cap: not fetched
+            log.warning("rejected shift under %s: %d bytes", name, fields[0])
+            size, cap = int(fields[0]), base.MAX_ENTRY_BYTES
+            raise ShiftFormatError(f"stored payload has {size:,} bytes, over the {cap:,}-byte cap")
+        _, payload, version = fields
+        if not payload:
             return None
         try:
             vector = ShiftVector.from_bytes(payload)

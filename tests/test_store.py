@@ -30,6 +30,7 @@ from shift_store import (
     StoreUnavailableError,
     open_store,
 )
+from shift_store import base as store_base
 from shift_store.redis_store import RedisShiftStore
 from tests.helpers import SHARED_REDIS, key_of, make_vector
 
@@ -401,6 +402,44 @@ def test_a_namespace_that_names_another_place_is_refused(backend, name, tmp_path
     with pytest.raises(InvalidNamespaceError):
         open_store(url, namespace=name)
     assert not any(tmp_path.rglob("x")) and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "oversized"])
+def test_whatever_sits_at_a_keys_path_is_a_format_error_found_without_reading_it(
+    kind, tmp_path, monkeypatch
+):
+    """A writer of the folder puts a named pipe (start-up hung), a directory (IsADirectoryError
+    escaped) or a huge file (read whole) where an entry belongs: each is refused, at once."""
+    store = LocalShiftStore(tmp_path)
+    vector = make_vector()
+    key = key_of(vector)
+    path = store.folder / f"{key.name}.safetensors"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        monkeypatch.setattr(store_base, "MAX_ENTRY_BYTES", 1000)
+        path.write_bytes(vector.to_bytes() + bytes(1000))
+    started = time.perf_counter()
+    with pytest.raises(ShiftFormatError, match=r"regular file|cap"):
+        store.get(key)
+    assert time.perf_counter() - started < 1.0
+    assert store.list() == []  # listed entries skip it too
+    lookup = CachedShiftSource(store, key).current()
+    assert lookup.vector is None and "rejected" in lookup.note
+
+
+def test_an_oversized_redis_field_is_refused_without_fetching_it(namespace, monkeypatch):
+    store = open_store(f"{SHARED_REDIS}?namespace={namespace}")
+    vector = make_vector()
+    key = key_of(vector)
+    store.put(key, vector)
+    monkeypatch.setattr(store_base, "MAX_ENTRY_BYTES", 100)
+    with pytest.raises(ShiftFormatError, match="over the 100-byte cap"):
+        store.get(key)
+    monkeypatch.undo()
+    assert store.get(key)[0].checksum == vector.checksum
 
 
 def test_the_checksum_covers_the_metadata(tmp_path):
