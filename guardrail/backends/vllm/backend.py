@@ -89,6 +89,7 @@ class VLLMBackend:
         self.takes_tools = takes_tools(template if isinstance(template, str) else None)
         self.tool_format = tool_format(self.family.tool_call_format)
         self.image_layers: tuple[int, ...] = ()
+        self._stops = self._stop_ids()  # read on every token: computed once
         self._generation = config
         self._shifts: set[str] = set()
         self.lock = threading.Lock()  # one thread steps the engine at a time
@@ -135,11 +136,19 @@ class VLLMBackend:
         return VLLMBatch(self)
 
     def stop_token_ids(self) -> set[int]:
+        return set(self._stops)
+
+    @property
+    def stops(self) -> frozenset[int]:
+        """The stop token ids, as computed once (the session reads them on every token)."""
+        return self._stops
+
+    def _stop_ids(self) -> frozenset[int]:
         stops = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
         generation = getattr(self.engine.model_config, "hf_config", None)
         eos = getattr(generation, "eos_token_id", None)
         stops |= set(eos if isinstance(eos, list) else [eos])
-        return {int(t) for t in stops if t is not None}
+        return frozenset(int(t) for t in stops if t is not None)
 
     # ------------------------------------------------------------ for the session
 

@@ -49,6 +49,9 @@ class Host(Protocol):
     def await_grammar(self, request_id: str, timeout_s: float = 60.0) -> None: ...
     def stop_token_ids(self) -> set[int]: ...
 
+    @property
+    def stops(self) -> frozenset[int]: ...
+
 
 MAX_TRIES = 5
 _ROLES: tuple[Role, ...] = ("corrupted", "text", "main")
@@ -278,7 +281,7 @@ class VLLMBatch:
     ) -> list[StepEvent]:
         tokens = live.tokens[role][:upto]
         finish = live.finish.get(role) if finished else None
-        stops = self._backend.stop_token_ids()
+        stops = self._backend.stops
         common = min(len(tokens), len(live.sent))
         if tokens[:common] != live.sent[:common]:
             return self._fail(live, "the recomputation diverged from the tokens already sent")

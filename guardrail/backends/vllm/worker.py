@@ -120,15 +120,15 @@ class _Row:
 
 @dataclass
 class _Triple:
-    """A sample-level request and its reference rows, lined up in this step."""
+    """A sample-level request and its reference rows, lined up in this step: token indices
+    in the flattened batch, built once per step for every edited layer's hook."""
 
     main: _Row
-    corrupted: _Row
-    text: _Row
-    edited: np.ndarray  # the main row's edited token indices (flattened batch)
-    sources: np.ndarray  # per edited token: 0 = the last prompt token, k = k-th generated
-    last_c: dict[int, int] = field(default_factory=dict)  # offset -> corrupted token index
-    last_t: dict[int, int] = field(default_factory=dict)
+    corrupted: torch.Tensor  # [n] the corrupted row's tokens at the n answer offsets
+    text: torch.Tensor  # [n] the text-only row's tokens at the same offsets
+    edited: torch.Tensor  # [m] the request's edited tokens
+    pick: torch.Tensor  # [m] which of the n offsets each edited token takes its shift from
+    last_offset: int | None  # position in the n offsets of the last prompt token (offset 0)
 
 
 @dataclass
@@ -231,17 +231,18 @@ class GuardState:
         if local.size == 0:
             return
         layers = list(spec.layers)
+        on_generated = torch.from_numpy(generated).to(self.device).unsqueeze(1)
+
+        def scaled(table: torch.Tensor, k: int) -> torch.Tensor:
+            v = table[layers[k]]
+            if spec.incremental and k > 0:
+                v = v - table[layers[k - 1]]
+            return spec.alpha * v
+
         for k, layer in enumerate(layers):
-            vectors: list[torch.Tensor | None] = []
-            for table in (prompt, decode):
-                if table is None:
-                    vectors.append(None)
-                    continue
-                v = table[layer]
-                if spec.incremental and k > 0:
-                    v = v - table[layers[k - 1]]
-                vectors.append(spec.alpha * v)
-            rows = torch.stack([vectors[int(g)] for g in generated.tolist()])  # type: ignore[misc]
+            rows = scaled(prompt, k).expand(local.size, -1)
+            if decode is not None:
+                rows = torch.where(on_generated, scaled(decode, k), rows)
             dataset[layer].append((row.start + local, rows))
 
     def _check_orphans(self, rid: str, rows: dict[Role, _Row]) -> None:
@@ -265,14 +266,25 @@ class GuardState:
                 f"{sorted(c.answer_offsets())} / {sorted(t.answer_offsets())})"
             )
             return
-        offsets = main.positions[local] - (main.prompt_len - 1)
-        sources = np.maximum(offsets, 0)  # prompt positions take the last prompt token's shift
-        triple = _Triple(main, c, t, main.start + local, sources)
-        for ref, table in ((c, triple.last_c), (t, triple.last_t)):
-            for j, p in enumerate(ref.positions.tolist()):
-                if p >= ref.prompt_len - 1:
-                    table[p - (ref.prompt_len - 1)] = ref.start + j
-        plan.triples.append(triple)
+        answer = sorted(wanted)  # the same offsets in all three rows
+
+        def tokens(ref: _Row) -> torch.Tensor:
+            first = ref.start + (ref.prompt_len - 1) - int(ref.positions[0])  # offset 0
+            return torch.tensor([first + o for o in answer], device=self.device)
+
+        # prompt positions take the last prompt token's shift
+        sources = np.maximum(main.positions[local] - (main.prompt_len - 1), 0)
+        where = {o: n for n, o in enumerate(answer)}
+        plan.triples.append(
+            _Triple(
+                main,
+                tokens(c),
+                tokens(t),
+                torch.from_numpy(main.start + local).to(self.device),
+                torch.tensor([where[int(s)] for s in sources], device=self.device),
+                where.get(0),
+            )
+        )
         if max(wanted) == int(main.positions[-1]) - (main.prompt_len - 1):
             plan.force.append((main.index, [c.index, t.index]))
 
@@ -311,9 +323,7 @@ class GuardState:
         self, index: int, triple: _Triple, hidden: torch.Tensor, residual: torch.Tensor
     ) -> None:
         spec = triple.main.spec
-        offsets = sorted(triple.last_c)
-        c_rows = torch.tensor([triple.last_c[o] for o in offsets], device=hidden.device)
-        t_rows = torch.tensor([triple.last_t[o] for o in offsets], device=hidden.device)
+        c_rows, t_rows = triple.corrupted, triple.text
         live = (hidden[c_rows] + residual[c_rows]) - (hidden[t_rows] + residual[t_rows])
         key = spec.rid
         increment = live
@@ -324,13 +334,10 @@ class GuardState:
         self._live[key] = live
         if k == len(layers) - 1:
             self._live.pop(key, None)
-            if 0 in triple.last_c:
-                norm = float(live[offsets.index(0)].float().norm())
+            if triple.last_offset is not None:
+                norm = float(live[triple.last_offset].float().norm())
                 self.reports[key]["live_norm"] = norm
-        where = {o: n for n, o in enumerate(offsets)}
-        pick = torch.tensor([where[int(s)] for s in triple.sources], device=hidden.device)
-        edited = torch.from_numpy(triple.edited).to(hidden.device)
-        residual.index_add_(0, edited, spec.alpha * increment[pick], alpha=-1.0)
+        residual.index_add_(0, triple.edited, spec.alpha * increment[triple.pick], alpha=-1.0)
 
     # ------------------------------------------------------------ registry
 
