@@ -21,7 +21,7 @@ from guardrail.errors import GuardrailError
 from guardrail.evaluation.datasets import DataReport, EvalSample, Format, read_samples
 from guardrail.families import FAMILIES
 from guardrail.requests import GuardRequest
-from shift_store import ShiftKey, open_store
+from shift_store import ShiftKey, ShiftVector, StoreError, open_store
 
 COMMANDS_GROUP = "cmrm_guardrail.commands"
 
@@ -149,15 +149,39 @@ def calibrate(args: argparse.Namespace) -> int:
         requests, batch_size=args.batch_size, anchor_name=name, activate=False
     )
     key = ShiftKey.for_meta(shift.meta)
-    version = store.put(key, shift)  # only a complete vector is ever written
     norms = " ".join(f"{n:.1f}" for n in shift.norms.tolist())
     print(
         f"model {vlm.fingerprint.name_or_path} ({vlm.fingerprint.id}); {shift.meta.anchor_size} "
         f"anchors ({report.skipped} skipped) in {time.perf_counter() - started:.1f} s"
     )
+    print(f"calibration {shift.meta.calibration_id} (pin it with --shift-calibration-id)")
+    if args.save:
+        Path(args.save).write_bytes(shift.to_bytes())
+        print(f"saved to {args.save}")
+    try:
+        version = store.put(key, shift)  # only a complete vector is ever written
+    except StoreError as e:
+        kept = Path(args.save or f"cmrm-shift-{shift.meta.calibration_id}.safetensors")
+        kept.write_bytes(shift.to_bytes())
+        print(
+            f"error: {type(e).__name__}: {e}\nthe shift is kept in {kept}; store it with "
+            f"`guardrail store-put {kept} --store URL --app {args.app}`",
+            file=sys.stderr,
+        )
+        return 3
     print(f"stored under {key.name} in {store!r}, version {version[:12]}")
     print(f"per-layer |shift|: {norms}")
     print(f"anchor-distance threshold: {shift.meta.anchor_distance_threshold:.3f}")
+    return 0
+
+
+def store_put(args: argparse.Namespace) -> int:
+    """Store a shift saved by ``guardrail calibrate`` (for example while the store was down)."""
+    shift = ShiftVector.from_bytes(Path(args.file).read_bytes())
+    key = ShiftKey.for_meta(shift.meta)
+    version = open_store(args.store, namespace=args.app).put(key, shift)
+    print(f"stored calibration {shift.meta.calibration_id} under {key.name}")
+    print(f"version {version[:12]}")
     return 0
 
 
@@ -258,8 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.add_argument("--anchor", required=True, help="anchor data file")
     p.add_argument("--anchor-name", default=None, help="store key name (default: file stem)")
+    p.add_argument("--save", default=None, help="also write the shift to this file")
     add_guard_flags(p, aliases={"corruption.seed": "--seed"})
     p.set_defaults(func=calibrate)
+    p = commands.add_parser("store-put", help="store a shift file that calibrate saved")
+    p.add_argument("file")
+    p.add_argument("--store", default=None, help="shift store URL (default: embedded folder)")
+    p.add_argument("--app", default="default", help="store namespace")
+    p.set_defaults(func=store_put)
     p = commands.add_parser("eval", help="unsafe rates per mode, like the paper")
     _model_options(p)
     _data_options(p)
@@ -298,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         return int(args.func(args))
-    except (GuardrailError, ValueError) as e:
+    except (GuardrailError, StoreError, ValueError) as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -56,6 +56,10 @@ class GuardConfig(BaseModel):
       level: a dataset-level shift calibrated on prompts without tools removes much less of the
       image's shift from prompts with them (``bench/tools_shift.py``, bench/RESULTS.md). Turn it
       off if your dataset-level shift was calibrated on prompts with your tools.
+    * ``shift_calibration_id`` - pin the dataset-level shift to one calibration (the id that
+      ``guardrail calibrate`` prints): a stored vector of any other calibration, even one
+      signed with the deployment's key, is refused. Without a pin, a signed store refuses an
+      older calibration than one the process has already used, but not at a fresh start.
 
     The default layer and positions come from the measurement in ``docs/defaults.md``.
     """
@@ -73,6 +77,7 @@ class GuardConfig(BaseModel):
     check_plausibility: bool = True
     sample_level_with_tools: bool = True
     max_image_pixels: int = Field(default=16_000_000, ge=1)
+    shift_calibration_id: str | None = None
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         """The configured layers of a ``num_layers`` decoder, as sorted non-negative indices."""

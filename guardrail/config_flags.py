@@ -86,6 +86,9 @@ def _is_int_tuple(annotation: Any) -> bool:
 
 
 def _scalar(annotation: Any) -> type:
+    if isinstance(annotation, types.UnionType):  # an optional scalar: X | None
+        options = [option for option in typing.get_args(annotation) if option is not type(None)]
+        annotation = options[0] if len(options) == 1 else annotation
     if annotation in (int, float, str):
         return annotation  # type: ignore[no-any-return]
     raise TypeError(f"no command-line form for a GuardConfig field of type {annotation!r}")

@@ -68,7 +68,11 @@ class GuardedVLM:
         self.backend = backend
         self.config = config or GuardConfig()
         self.layers = self.config.layer_indices(backend.num_layers)  # validates them
-        requirements = ShiftRequirements(backend.fingerprint, self.config.corruption.tag)
+        requirements = ShiftRequirements(
+            backend.fingerprint,
+            self.config.corruption.tag,
+            calibration_id=self.config.shift_calibration_id,
+        )
         self.shifts = (shifts or DatasetShifts(requirements)).for_requirements(requirements)
 
     @classmethod

@@ -7,6 +7,12 @@ few bundled anchor prompts (the same measurement as calibration, on fewer prompt
 direction must agree and its size must be of the same order. Thresholds come from the
 measurement in ``bench/RESULTS.md`` (genuine vectors: cosine 0.73 or more, norm ratio 0.58 to
 1.04; poisoned ones: cosine near 0 or -1, or norm ratio 0 or 100).
+
+What the guard reads besides the vectors is checked too: a dataset-level entry must carry decode
+vectors (else generated tokens would run uncorrected), and its anchor statistics must be of the
+live prompts' scale (genuine: anchor std 1.2 to 1.35 times the probes' spread, distance
+threshold 1.3 to 1.4 on both fixtures), so an edit that makes every prompt look anchor-like
+(std or threshold inflated) is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +41,15 @@ class PlausibilityLimits:
     significant: float = 0.1
     anchors: int = 4
     decode_tokens: int = 4
+    anchor_std_ratio: tuple[float, float] = (0.25, 4.0)
+    max_anchor_threshold: float = 4.0
+
+
+@dataclass(frozen=True)
+class _Reference:
+    prompt: torch.Tensor  # [layers, hidden] mean shift at the prompt
+    decode: torch.Tensor  # [layers, hidden] mean shift at answer tokens
+    text_std: torch.Tensor  # [hidden] spread of the probes' final text-only states
 
 
 class PlausibilityCheck:
@@ -48,7 +63,7 @@ class PlausibilityCheck:
         limits: PlausibilityLimits = PlausibilityLimits(),
     ) -> None:
         self.backend, self.corruption, self.limits = backend, corruption, limits
-        self._reference: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._reference: _Reference | None = None
         self._verdicts: dict[str, str | None] = {}
         self._lock = threading.Lock()
 
@@ -66,8 +81,8 @@ class PlausibilityCheck:
         note = f"stored shift refused as implausible: {problem}"
         return Lookup(None, lookup.version, note, lookup.store_down)
 
-    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Live mean shift at the prompt and at answer tokens: two ``[layers, hidden]``."""
+    def reference(self) -> _Reference:
+        """Live mean shift at the prompt and at answer tokens, and the probes' spread."""
         with self._lock:
             if self._reference is None:
                 prompts = bundled_anchor_prompts()[-self.limits.anchors :]
@@ -80,19 +95,23 @@ class PlausibilityCheck:
                     progress=False,
                 )
                 assert sums.decode is not None
-                self._reference = (
+                self._reference = _Reference(
                     (sums.prompt / sums.count).float(),
                     (sums.decode / sums.count).float(),
+                    torch.stack(sums.text_sample).std(dim=0),
                 )
             return self._reference
 
     def problem(self, shift: ShiftVector) -> str | None:
         """Why ``shift`` is not plausible for this model, or None when it is."""
-        prompt, decode = self.reference()
-        found = _compare("prompt", shift.vectors, prompt, self.limits)
-        if found is None and shift.decode_vectors is not None:
-            found = _compare("decode", shift.decode_vectors, decode, self.limits)
-        return found
+        reference = self.reference()
+        if shift.decode_vectors is None:
+            return "no decode vectors: generated tokens would run uncorrected"
+        return (
+            _compare("prompt", shift.vectors, reference.prompt, self.limits)
+            or _compare("decode", shift.decode_vectors, reference.decode, self.limits)
+            or _anchor_problem(shift, reference, self.limits)
+        )
 
 
 _CHECKS: weakref.WeakKeyDictionary[CapturingBackend, dict[str, PlausibilityCheck]] = (
@@ -110,6 +129,22 @@ def plausibility_check(backend: CapturingBackend, corruption: CorruptionSpec) ->
 
 
 _CHECKS_LOCK = threading.Lock()
+
+
+def _anchor_problem(
+    shift: ShiftVector, reference: _Reference, limits: PlausibilityLimits
+) -> str | None:
+    threshold = shift.meta.anchor_distance_threshold
+    if shift.anchor_std is None or threshold is None:
+        return None  # no anchor statistics: the anchor-distance policy trusts nothing
+    if threshold > limits.max_anchor_threshold:
+        return f"anchor-distance threshold {threshold:.3g} > {limits.max_anchor_threshold}"
+    live = reference.text_std.clamp_min(1e-6)
+    scale = float((shift.anchor_std.clamp_min(1e-6) / live).log().mean().exp())
+    low, high = limits.anchor_std_ratio
+    if not low <= scale <= high:
+        return f"anchor statistics spread {scale:.3g} times the live prompts'"
+    return None
 
 
 def _compare(

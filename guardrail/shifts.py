@@ -22,12 +22,14 @@ MEASURED_POSITION = "last-prompt-token"
 
 @dataclass(frozen=True)
 class ShiftRequirements:
-    """Everything a shift vector depends on: model, shape, corruption, position, format."""
+    """Everything a shift vector depends on: model, shape, corruption, position, format; and,
+    when pinned, the calibration it must come from."""
 
     model: ModelFingerprint
     corruption: str
     position: str = MEASURED_POSITION
     format_version: int = FORMAT_VERSION
+    calibration_id: str | None = None
 
     def check(self, shift: ShiftVector) -> None:
         """Raise :class:`ShiftMismatchError` naming every way ``shift`` does not fit."""
@@ -47,6 +49,10 @@ class ShiftRequirements:
         if meta.format_version != self.format_version:
             problems.append(
                 f"format version {meta.format_version}, guard reads {self.format_version}"
+            )
+        if self.calibration_id is not None and meta.calibration_id != self.calibration_id:
+            problems.append(
+                f"calibration {meta.calibration_id}, guard is pinned to {self.calibration_id}"
             )
         if problems:
             raise ShiftMismatchError("shift does not fit: " + "; ".join(problems))

@@ -47,11 +47,14 @@ class AnchorStats:
 
     @classmethod
     def of(cls, shift: ShiftVector | None) -> AnchorStats | None:
-        """The anchor statistics stored with a dataset-level shift, if it has them."""
+        """The anchor statistics stored with a dataset-level shift, if it has them (a threshold
+        included: without one, nothing counts as anchor-like)."""
+        threshold = None if shift is None else shift.meta.anchor_distance_threshold
         if shift is None or shift.anchor_mean is None or shift.anchor_std is None:
             return None
-        threshold = shift.meta.anchor_distance_threshold
-        return cls(shift.anchor_mean, shift.anchor_std, threshold or float("inf"))
+        if threshold is None:
+            return None
+        return cls(shift.anchor_mean, shift.anchor_std, threshold)
 
     def distance(self, state: torch.Tensor) -> float:
         """Root mean square z-score of ``state`` against the anchors."""

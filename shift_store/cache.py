@@ -57,6 +57,8 @@ class CachedShiftSource:
         self._clock = clock
         self._entry: _Entry | None = None
         self._lock = threading.Lock()
+        # set by ensure(): how to compute a missing vector (compute, lock timeout, lock expiry)
+        self._compute: tuple[Callable[[], ShiftVector], float, float] | None = None
 
     def current(self) -> Lookup:
         """The vector to use now (cheap when warm)."""
@@ -74,28 +76,49 @@ class CachedShiftSource:
         known = self._entry.lookup if self._entry else Lookup(None)
         if self._entry is not None and now - self._entry.checked_at < self._ttl(self._entry):
             return known  # another thread refreshed it while we waited
+        lookup = self._read(known)
+        if lookup.vector is None and not lookup.store_down and self._compute is not None:
+            lookup = self._compute_missing(lookup)  # a store that came back empty, or damaged
+        self._entry = _Entry(lookup, self._clock())
+        return lookup
+
+    def _read(self, known: Lookup) -> Lookup:
         try:
             version = self.store.version(self.key)
             if version is not None and version == known.version and known.vector is not None:
-                lookup = replace(known, note=None, store_down=False)  # clean after an outage
-            elif version is None:
-                lookup = Lookup(None, note="no dataset-level shift stored for this model")
-            else:
-                found = self.store.get(self.key)
-                lookup = (
-                    Lookup(*found, verified=self.store.signed)
-                    if found
-                    else Lookup(None, note="vanished during read")
-                )
+                return replace(known, note=None, store_down=False)  # clean after an outage
+            if version is None:
+                return Lookup(None, note="no dataset-level shift stored for this model")
+            found = self.store.get(self.key)
+            if not found:
+                return Lookup(None, note="vanished during read")
+            return Lookup(*found, verified=self.store.signed)
         except StoreUnavailableError as e:
             log.warning("shift store unreachable: %s", e)
             note = f"store unreachable ({e})"
             note += "; using the cached vector" if known.vector else ""
-            lookup = replace(known, note=note, store_down=True)
+            return replace(known, note=note, store_down=True)
         except ShiftFormatError as e:
-            lookup = Lookup(None, note=f"stored shift rejected: {e}")
-        self._entry = _Entry(lookup, now)
-        return lookup
+            return Lookup(None, note=f"stored shift rejected: {e}")
+
+    def _compute_missing(self, miss: Lookup) -> Lookup:
+        """Compute and store the vector, once across processes: the holder of the key's lock
+        computes; the others wait ``lock_timeout_s``, then report the miss."""
+        assert self._compute is not None
+        compute, timeout_s, expire_s = self._compute
+        try:
+            with self.store.lock(self.key, timeout_s, expire_s) as acquired:
+                lookup = self._read(Lookup(None))
+                if lookup.vector is not None or lookup.store_down:
+                    return lookup  # another process stored it meanwhile
+                if not acquired:
+                    return Lookup(None, note="another process is computing the shift")
+                vector = compute()
+                version = self.store.put(self.key, vector)
+                log.info("computed and stored shift %s (%s)", self.key.name, miss.note)
+        except StoreUnavailableError as e:
+            return Lookup(None, note=f"store unreachable ({e})", store_down=True)
+        return Lookup(vector, version, verified=self.store.signed)
 
     def invalidate(self) -> None:
         """Forget the cached state; the next :meth:`current` asks the store."""
@@ -108,30 +131,14 @@ class CachedShiftSource:
         lock_timeout_s: float = 0.0,
         lock_expire_s: float = 600.0,
     ) -> Lookup:
-        """Return the stored vector, computing and storing it on a miss.
+        """Return the stored vector, computing and storing it on a miss; from now on, a miss
+        found later (a store that came back empty, a damaged entry) is recomputed the same way.
 
         Across replicas exactly one computes: it holds the key's lock; the others wait up to
         ``lock_timeout_s`` and then report a miss (the engine falls back to sample level and
-        picks the vector up once it is stored). A damaged stored vector is recomputed.
+        picks the vector up once it is stored).
         """
-        self.invalidate()
-        lookup = self.current()
-        if lookup.vector is not None and lookup.note is None:
-            return lookup
-        if lookup.store_down:
-            return lookup
-        try:
-            with self.store.lock(self.key, lock_timeout_s, lock_expire_s) as acquired:
-                self.invalidate()
-                lookup = self.current()
-                if lookup.vector is not None:
-                    return lookup
-                if not acquired:
-                    return Lookup(None, note="another process is computing the shift")
-                vector = compute()
-                version = self.store.put(self.key, vector)
-                log.info("computed and stored shift %s", self.key.name)
-        except StoreUnavailableError as e:
-            return Lookup(None, note=f"store unreachable ({e})", store_down=True)
-        self._entry = _Entry(Lookup(vector, version, verified=self.store.signed), self._clock())
-        return self._entry.lookup
+        with self._lock:
+            self._compute = (compute, lock_timeout_s, lock_expire_s)
+            self._entry = None
+            return self._refresh()

@@ -100,6 +100,8 @@ class LocalShiftStore:
             return _version(self._path(key).stat())
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot read {self.folder}: {e}") from e
 
     def get(self, key: ShiftKey) -> tuple[ShiftVector, str] | None:
         path = self._path(key)
@@ -113,8 +115,18 @@ class LocalShiftStore:
         except ShiftFormatError as e:
             log.warning("rejected shift file %s: %s", path, e)
             raise
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot read {path.name}: {e}") from e
 
     def put(self, key: ShiftKey, vector: ShiftVector) -> str:
+        """Write atomically; a failed write (disk full, read-only folder) raises
+        :class:`StoreUnavailableError` and leaves the previous entry in place."""
+        try:
+            return self._put(key, vector)
+        except OSError as e:
+            raise StoreUnavailableError(f"cannot write to {self.folder}: {e}") from e
+
+    def _put(self, key: ShiftKey, vector: ShiftVector) -> str:
         self._remove_orphans()
         fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f"{_TMP}{os.getpid()}-", suffix=_SUFFIX)
         try:

@@ -8,21 +8,25 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
+import uuid
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import BinaryIO, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
+from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from shift_store.errors import StoreError
 
-FORMAT_VERSION = 2  # 2: the checksum covers the metadata; optional HMAC signature
+# 2: the checksum covers the metadata; optional HMAC signature. 3: the metadata lists the
+# entry's tensors and names its calibration (id and time), so the signature binds both.
+FORMAT_VERSION = 3
 _TENSOR = "shift"
 _OPTIONAL_TENSORS = ("decode_vectors", "anchor_mean", "anchor_std")
+_SIGNATURE_FORM = re.compile(r"[0-9a-f]{64}")
 _META = "cmrm_meta"
 _SIGNATURE = "hmac-sha256"
 _MAX_HEADER = 1 << 20
@@ -45,8 +49,8 @@ class ModelFingerprint(BaseModel):
     revision: str | None = None
     weights_hash: str
     config_hash: str
-    num_layers: int
-    hidden_size: int
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
 
     @property
     def id(self) -> str:
@@ -56,9 +60,14 @@ class ModelFingerprint(BaseModel):
 
 
 class ShiftMeta(BaseModel):
-    """Everything needed to decide whether a shift vector may be applied to a model."""
+    """Everything needed to decide whether a shift vector may be applied to a model.
 
-    model_config = ConfigDict(frozen=True)
+    ``tensors`` lists the entry's tensors (set by :class:`ShiftVector`): a stored entry holding
+    fewer or more is refused. ``calibration_id`` and ``created_at`` name the calibration, so
+    that a signature binds it.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: ModelFingerprint
     level: Literal["dataset", "sample"]
@@ -68,8 +77,10 @@ class ShiftMeta(BaseModel):
     anchor_size: int = Field(ge=1)
     library_version: str
     format_version: int = FORMAT_VERSION
-    anchor_distance_threshold: float | None = None
+    anchor_distance_threshold: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    calibration_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    tensors: tuple[str, ...] = ()
     extra: dict[str, str] = Field(default_factory=dict)
 
 
@@ -93,6 +104,11 @@ class ShiftVector:
     checksum: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
+        held = (_TENSOR, *(n for n in _OPTIONAL_TENSORS if getattr(self, n) is not None))
+        if self.meta.tensors != held:  # the metadata lists what the vector holds
+            object.__setattr__(self, "meta", self.meta.model_copy(update={"tensors": held}))
+        if (self.anchor_mean is None) != (self.anchor_std is None):
+            raise ShiftFormatError("anchor statistics need both anchor_mean and anchor_std")
         layers, hidden = self.meta.model.num_layers, self.meta.model.hidden_size
         digest = hashlib.sha256()
         for name in ("vectors", *_OPTIONAL_TENSORS):
@@ -151,17 +167,31 @@ class ShiftVector:
     @classmethod
     def from_bytes(cls, payload: bytes) -> ShiftVector:
         """Parse :meth:`to_bytes` output (a signature is read, not checked: see
-        :class:`~shift_store.signing.SignedStore`); raise :class:`ShiftFormatError` on anything
-        amiss."""
+        :class:`~shift_store.signing.SignedStore`). This is the one parser of stored entries:
+        anything amiss, whatever the bytes, raises :class:`ShiftFormatError`."""
         try:
-            tensors = st_load(payload)
-            header = _safetensors_metadata(payload)
-            meta = ShiftMeta.model_validate_json(header[_META])
-            optional = {name: tensors.get(name) for name in _OPTIONAL_TENSORS}
-            signature = header.get(_SIGNATURE)
-            vector = cls(vectors=tensors[_TENSOR], meta=meta, **optional, signature=signature)
-        except (SafetensorError, ValidationError, KeyError, ValueError, json.JSONDecodeError) as e:
-            raise ShiftFormatError(f"unreadable shift payload: {e}") from e
+            return cls._parse(payload)
+        except ShiftFormatError:
+            raise
+        except Exception as e:  # untrusted bytes: every failure is a format error
+            raise ShiftFormatError(f"unreadable shift payload: {type(e).__name__}: {e}") from e
+
+    @classmethod
+    def _parse(cls, payload: bytes) -> ShiftVector:
+        header = _safetensors_metadata(payload)
+        meta = ShiftMeta.model_validate_json(header[_META])
+        if not meta.tensors:
+            raise ShiftFormatError("shift metadata does not list the entry's tensors")
+        tensors = st_load(payload)
+        if sorted(tensors) != sorted(meta.tensors):
+            raise ShiftFormatError(
+                f"entry holds tensors {sorted(tensors)}, its metadata lists {sorted(meta.tensors)}"
+            )
+        signature = header.get(_SIGNATURE)
+        if signature is not None and not _SIGNATURE_FORM.fullmatch(signature):
+            raise ShiftFormatError("signature field is not a hex HMAC-SHA256")
+        optional = {name: tensors.get(name) for name in _OPTIONAL_TENSORS}
+        vector = cls(vectors=tensors[_TENSOR], meta=meta, **optional, signature=signature)
         if vector.checksum != header.get("sha256"):
             raise ShiftFormatError("shift payload checksum mismatch")
         return vector
@@ -171,7 +201,12 @@ def _safetensors_metadata(payload: bytes) -> dict[str, str]:
     size = int.from_bytes(payload[:8], "little")
     if len(payload) < 8 or size <= 0 or size > len(payload) - 8:
         raise ShiftFormatError("truncated safetensors header")
-    metadata: dict[str, str] = json.loads(payload[8 : 8 + size]).get("__metadata__", {})
+    header = json.loads(payload[8 : 8 + size])
+    metadata = header.get("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise ShiftFormatError("safetensors metadata is not a map of strings")
     return metadata
 
 
@@ -184,5 +219,7 @@ def read_meta(stream: BinaryIO) -> ShiftMeta:
     try:
         header = _safetensors_metadata(prefix + stream.read(size))
         return ShiftMeta.model_validate_json(header[_META])
-    except (ValidationError, KeyError, json.JSONDecodeError) as e:
-        raise ShiftFormatError(f"unreadable shift metadata: {e}") from e
+    except ShiftFormatError:
+        raise
+    except Exception as e:  # untrusted bytes, as in ShiftVector.from_bytes
+        raise ShiftFormatError(f"unreadable shift metadata: {type(e).__name__}: {e}") from e

@@ -11,9 +11,33 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from guardrail import GuardedVLM
 from guardrail.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_calibrate_keeps_its_result_when_the_store_is_down(
+    tiny_path, data, capsys, tmp_path, monkeypatch
+):
+    """Minutes of calibration are not lost to a store outage: the shift is written to a file,
+    and ``guardrail store-put`` stores it once the store is back."""
+    _root, images, vlsafe = data
+    monkeypatch.chdir(tmp_path)
+    down = "redis://127.0.0.1:1/0?retries=0&socket_connect_timeout=0.2"
+    args = ["--anchor", str(vlsafe), "--format", "vlsafe", "--images", str(images)]
+    assert main(["calibrate", "--model", str(tiny_path), *args, "--store", down]) == 3
+    err = capsys.readouterr().err
+    kept = next(tmp_path.glob("cmrm-shift-*.safetensors"))
+    assert "StoreUnavailableError" in err and f"the shift is kept in {kept.name}" in err
+    store = f"file://{tmp_path / 'store'}"
+    assert main(["store-put", str(kept), "--store", store]) == 0
+    assert "stored calibration" in capsys.readouterr().out
+    vlm = GuardedVLM.from_pretrained(str(tiny_path))
+    lookup = vlm.use_store(store, anchor_name="vlsafe", compute_on_miss=False)
+    assert lookup.vector is not None and kept.name.endswith(
+        f"{lookup.vector.meta.calibration_id}.safetensors"
+    )
 
 
 def test_calibrate_then_eval_end_to_end(tiny_path, data, capsys):

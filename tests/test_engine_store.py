@@ -113,8 +113,23 @@ def _poisoned(shift, foreign):
             anchor_std=shift.anchor_std,
         )
 
+    def edited(**update):  # a writer without the key edits what the guard reads besides Δ
+        return ShiftVector(
+            vectors=shift.vectors,
+            meta=shift.meta.model_copy(update=update.pop("meta", {})),
+            **{
+                "decode_vectors": shift.decode_vectors,
+                "anchor_mean": shift.anchor_mean,
+                "anchor_std": shift.anchor_std,
+                **update,
+            },
+        )
+
     v, d = shift.vectors, shift.decode_vectors
     return {
+        "decode vectors dropped": edited(decode_vectors=None),
+        "anchor spread times 100": edited(anchor_std=shift.anchor_std * 100),
+        "anchor threshold 1e6": edited(meta={"anchor_distance_threshold": 1e6}),
         "negated": like(-v, -d),
         "times 100": like(v * 100, d * 100),
         "zeroed": like(v * 0, d * 0),
@@ -145,6 +160,22 @@ def test_poisoned_vectors_are_refused_and_the_call_runs_at_sample_level(tiny_pat
     store.put(key, genuine)  # the genuine vector back: accepted again
     fresh = GuardedVLM.from_pretrained(str(tiny_path))
     assert fresh.use_store(store, compute_on_miss=False).vector is not None
+
+
+def test_a_pinned_calibration_refuses_every_other_one(tiny_path, tmp_path, image):
+    store = LocalShiftStore(tmp_path)
+    vlm = GuardedVLM.from_pretrained(str(tiny_path), store=store)
+    pinned = vlm.dataset_shift.meta.calibration_id
+    strict = GuardedVLM.from_pretrained(
+        str(tiny_path), config=GuardConfig(shift_calibration_id=pinned), store=store
+    )
+    assert strict.generate("What?", [image], max_new_tokens=2).decision.mode_used == "dataset"
+    recalibrated = vlm.compute_dataset_shift(anchor_prompts(), progress=False, activate=False)
+    store.put(vlm.shifts.source.key, recalibrated)
+    strict.shifts.source.invalidate()
+    out = strict.generate("What?", [image], max_new_tokens=2)
+    assert out.decision.mode_used == "sample"
+    assert f"pinned to {pinned}" in out.decision.fallbacks[0]
 
 
 def test_a_signed_store_records_verified_vectors(tiny_path, tmp_path, image, monkeypatch):

@@ -272,7 +272,9 @@ def test_redis_outage_is_bounded_served_from_cache_and_recovers(own_redis):
     warm = CachedShiftSource(
         store, key_of(vector), revalidate_s=1, retry_after_s=5, clock=lambda: now[0]
     )
-    assert warm.ensure(lambda: vector).vector is not None
+    computed = []
+    assert warm.ensure(lambda: computed.append(1) or vector).vector is not None
+    assert computed == [1]
     own_redis.kill()
     now[0] = 2.0
     asked = []
@@ -288,11 +290,13 @@ def test_redis_outage_is_bounded_served_from_cache_and_recovers(own_redis):
     assert cold.current().vector is None and "unreachable" in cold.current().note
     with pytest.raises(StoreUnavailableError):
         store.put(key_of(vector), vector)
-    own_redis.start()  # back, empty (it keeps nothing on disk)
+    own_redis.start()  # back, empty (it keeps nothing on disk): recomputed, once
     now[0] = 8.0
     lookup = warm.current()
-    assert lookup.vector is None and "no dataset-level shift stored" in lookup.note
-    assert warm.ensure(lambda: vector).vector is not None and warm.current().note is None
+    assert torch.equal(lookup.vector.vectors, vector.vectors) and lookup.note is None
+    assert store.get(key_of(vector))[0].checksum == vector.checksum and computed == [1, 1]
+    now[0] = 20.0
+    assert warm.current().note is None and computed == [1, 1]
 
 
 def test_redis_url_options_ttl_namespace_and_acl(own_redis):
@@ -454,3 +458,74 @@ def test_the_checksum_covers_the_metadata(tmp_path):
     edited = st_save(tensors, metadata={**header, "cmrm_meta": json.dumps(meta)})
     with pytest.raises(ShiftFormatError, match="checksum"):
         ShiftVector.from_bytes(edited)
+
+
+def _rewritten(payload: bytes, *, drop: str | None = None, meta: dict | None = None) -> bytes:
+    """``payload`` as a writer without the key rewrites it: a tensor dropped, metadata edited,
+    the header otherwise kept."""
+    tensors = st_load(payload)
+    size = int.from_bytes(payload[:8], "little")
+    header = json.loads(payload[8 : 8 + size])["__metadata__"]
+    if drop:
+        tensors.pop(drop)
+    if meta:
+        header["cmrm_meta"] = json.dumps(json.loads(header["cmrm_meta"]) | meta)
+    return st_save(tensors, metadata=header)
+
+
+def test_an_entry_missing_a_tensor_its_metadata_lists_is_refused():
+    base = make_vector()
+    vector = ShiftVector(vectors=base.vectors, meta=base.meta, decode_vectors=base.vectors / 2)
+    assert vector.meta.tensors == ("shift", "decode_vectors")
+    with pytest.raises(ShiftFormatError, match="metadata lists"):
+        ShiftVector.from_bytes(_rewritten(vector.to_bytes(), drop="decode_vectors"))
+    with pytest.raises(ShiftFormatError, match="does not list"):
+        ShiftVector.from_bytes(_rewritten(vector.to_bytes(), meta={"tensors": []}))
+
+
+@pytest.mark.parametrize(
+    "field, value", [("anchor_distance_threshold", 0.0), ("anchor_distance_threshold", -1.0)]
+)
+def test_a_threshold_that_is_not_a_positive_number_is_a_format_error(field, value):
+    """0.0 used to be read as 'no threshold', which the trust policy took as infinity."""
+    vector = make_vector()
+    edited = ShiftVector(vectors=vector.vectors, meta=vector.meta.model_copy(update={field: value}))
+    with pytest.raises(ShiftFormatError, match="anchor_distance_threshold"):
+        ShiftVector.from_bytes(edited.to_bytes())
+
+
+@pytest.mark.parametrize("backend", ["local", "redis"])
+def test_a_replayed_older_calibration_is_refused(backend, tmp_path, namespace):
+    """A writer without the key copies an older signed calibration of the same entry back."""
+    root = f"file://{tmp_path}" if backend == "local" else SHARED_REDIS
+    signed = open_store(f"{root}?namespace={namespace}", signing_key=b"k")
+    older = make_vector(seed=1)
+    newer = make_vector(seed=2)
+    assert older.meta.created_at < newer.meta.created_at
+    key = key_of(newer)
+    signed.put(key, older)
+    older_signed = signed.inner.get(key)[0]
+    signed.put(key, newer)
+    assert signed.get(key)[0].checksum == newer.checksum
+    signed.inner.put(key, older_signed)  # the replay
+    with pytest.raises(ShiftSignatureError, match="older than one already used"):
+        signed.get(key)
+    signed.put(key, newer)
+    assert signed.get(key)[0].meta.calibration_id == newer.meta.calibration_id
+
+
+def test_a_failed_write_is_a_store_error_and_keeps_the_previous_entry(tmp_path, monkeypatch):
+    store = LocalShiftStore(tmp_path)
+    vector = make_vector()
+    key = key_of(vector)
+    store.put(key, vector)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(StoreUnavailableError, match="No space left"):
+        store.put(key, make_vector(seed=3))
+    monkeypatch.undo()
+    assert store.get(key)[0].checksum == vector.checksum
+    assert [p.name for p in store.folder.iterdir()] == [f"{key.name}.safetensors"]
