@@ -163,6 +163,7 @@ def compute_dataset_shift(
     mean = sums.text_sum / n
     std = (sums.text_square_sum / n - mean.square()).clamp_min(0).sqrt().clamp_min(1e-6)
     mean, std = mean.float(), std.float()
+    threshold = calibrate_threshold(mean, std, sums.text_sample)  # 0 with a single anchor
     meta = ShiftMeta(
         model=backend.fingerprint,
         level="dataset",
@@ -171,7 +172,7 @@ def compute_dataset_shift(
         anchor_name=anchor_name,
         anchor_size=n,
         library_version=__version__,
-        anchor_distance_threshold=calibrate_threshold(mean, std, sums.text_sample),
+        anchor_distance_threshold=threshold if threshold > 0 else None,
     )
     return ShiftVector(
         vectors=(sums.prompt / n).float(),

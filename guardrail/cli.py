@@ -171,7 +171,7 @@ def calibrate(args: argparse.Namespace) -> int:
         return 3
     print(f"stored under {key.name} in {store!r}, version {version[:12]}")
     print(f"per-layer |shift|: {norms}")
-    print(f"anchor-distance threshold: {shift.meta.anchor_distance_threshold:.3f}")
+    print(f"anchor-distance threshold: {shift.meta.anchor_distance_threshold or 0:.3f}")
     return 0
 
 

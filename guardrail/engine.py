@@ -36,6 +36,7 @@ from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import GuardrailError, GuardUnavailableError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
+from guardrail.limits import check_depth, check_images, check_prompt_tokens, parse_json
 from guardrail.outputs import GuardedOutput, output_of
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
 from guardrail.plausibility import plausibility_check
@@ -404,11 +405,28 @@ class GuardedVLM:
         error.decision = refusal_record(error, self.config, self.layers, self.fingerprint.id, app)
         log_decision(error.decision)
 
+    def check_limits(self, rendering: Rendering, request: GuardRequest) -> None:
+        """Raise :class:`~guardrail.errors.InvalidInputError` when ``rendering`` nests deeper
+        or runs longer than the config allows (the model's context by default)."""
+        depth = self.config.max_json_depth
+        check_depth(rendering.messages, depth, "the conversation")
+        check_depth(list(rendering.tools), depth, "the tool definitions")
+        constraint = request.constraint
+        for form in constraint.forms if constraint is not None else ():
+            if form.schema is not None:
+                check_depth(parse_json(form.schema, "the response schema"), depth, "the schema")
+        limit = self.config.max_prompt_tokens or self.backend.context_length or 32768
+        check_prompt_tokens(rendering.messages, rendering.tools, self.tokenizer, limit)
+
     def plan(self, request: GuardRequest) -> tuple[Rendering, RowPlan]:
         """Render and plan one request; bad input and fail-closed plans raise typed errors
         with their decision record (logged)."""
         try:
-            rendering = render_request(request, self.config.max_image_pixels)
+            check_images(len(request.images), self.config.max_images)
+            rendering = render_request(
+                request, self.config.max_image_pixels, self.config.max_image_aspect_ratio
+            )
+            self.check_limits(rendering, request)
             reject_placeholders(rendering, self.backend.placeholders)
             if request.shift is not None:
                 self.check_shift(request.shift)

@@ -13,7 +13,13 @@ from PIL import Image
 from guardrail.config import CorruptionSpec, Mode
 from guardrail.constraints import OutputConstraint
 from guardrail.errors import InvalidInputError, MissingImagePlaceholderError
-from guardrail.images import MAX_PIXELS, ImageInput, corruption_image, load_image
+from guardrail.images import (
+    MAX_ASPECT_RATIO,
+    MAX_PIXELS,
+    ImageInput,
+    corruption_image,
+    load_image,
+)
 from guardrail.tools import Tool, check_tools
 from shift_store import ShiftVector
 
@@ -62,10 +68,12 @@ def _is_image_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "image"
 
 
-def render_request(request: GuardRequest, max_pixels: int = MAX_PIXELS) -> Rendering:
-    """Validate ``request`` and decode its images, each within ``max_pixels`` and reduced to a
-    working size (raises typed errors on bad input)."""
-    images = [load_image(image, max_pixels) for image in request.images]
+def render_request(
+    request: GuardRequest, max_pixels: int = MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO
+) -> Rendering:
+    """Validate ``request`` and decode its images, each within ``max_pixels`` and
+    ``max_aspect_ratio`` and reduced to a working size (raises typed errors on bad input)."""
+    images = [load_image(i, max_pixels, max_aspect_ratio=max_aspect_ratio) for i in request.images]
     tools = tuple(request.tools)
     check_tools(tools)
     if isinstance(request.prompt, str):

@@ -111,7 +111,7 @@ class ToolCallFormat:
         name = data.get("name")
         arguments = data.get(self.arguments_key, data.get("arguments", data.get("parameters")))
         if isinstance(arguments, str):
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
                 arguments = json.loads(arguments)
         if not isinstance(name, str) or name not in known:
             return InvalidToolCall(body, f"unknown tool {name!r}", name)

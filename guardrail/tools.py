@@ -16,13 +16,13 @@ model family's tool-call format (:mod:`guardrail.tool_formats`; Hermes by defaul
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from guardrail.errors import InvalidInputError
+from guardrail.limits import parse_json
 
 Tool = Mapping[str, Any]
 Message = dict[str, Any]
@@ -115,7 +115,7 @@ def _written_call(call: Mapping[str, Any], fmt: CallWriter) -> str:
     function = call.get("function", call)
     arguments = function.get("arguments", {})
     if isinstance(arguments, str):
-        arguments = json.loads(arguments) if arguments.strip() else {}
+        arguments = parse_json(arguments, "tool call arguments") if arguments.strip() else {}
     return fmt.write(function["name"], arguments)
 
 

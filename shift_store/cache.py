@@ -12,6 +12,8 @@ from shift_store.base import ShiftKey, ShiftStore, StoreUnavailableError
 from shift_store.vector import ShiftFormatError, ShiftVector
 
 log = logging.getLogger("shift_store")
+# Notes reach API callers in decision records: the store's address stays in the process log.
+_UNREACHABLE = "store unreachable (details in the log)"
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ class CachedShiftSource:
             return Lookup(*found, verified=self.store.signed)
         except StoreUnavailableError as e:
             log.warning("shift store unreachable: %s", e)
-            note = f"store unreachable ({e})"
+            note = _UNREACHABLE
             note += "; using the cached vector" if known.vector else ""
             return replace(known, note=note, store_down=True)
         except ShiftFormatError as e:
@@ -117,7 +119,8 @@ class CachedShiftSource:
                 version = self.store.put(self.key, vector)
                 log.info("computed and stored shift %s (%s)", self.key.name, miss.note)
         except StoreUnavailableError as e:
-            return Lookup(None, note=f"store unreachable ({e})", store_down=True)
+            log.warning("shift store unreachable: %s", e)
+            return Lookup(None, note=_UNREACHABLE, store_down=True)
         return Lookup(vector, version, verified=self.store.signed)
 
     def invalidate(self) -> None:

@@ -26,6 +26,8 @@ def _other_value(name: str, annotation, default):
         return (1, 2)
     if name == "shift_calibration_id":
         return "0f1e2d3c"
+    if name == "max_prompt_tokens":
+        return 4096
     if annotation is int:
         return default + 3
     if annotation is float:

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import threading
+import time
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from guardrail.backends import TransformersBackend
 from guardrail.backends.hooks import CorrectionPlan, Lockstep, RowTrim
 from guardrail.backends.transformers_batch import prefill_mask, stacked_shifts
 from guardrail.images import corruption_image
+from guardrail.limits import parse_json
 from guardrail.requests import render_request
 from guardrail.testing import synthetic_image
 from shift_store import ShiftVector
@@ -390,6 +392,37 @@ def test_elongated_images_are_refused_from_their_header(tiny_vlm, size):
         tiny_vlm.generate("What?", [data], max_new_tokens=2)
     assert info.value.decision.mode_used == "refused"
     assert render_request(GuardRequest("What?", [_encoded(Image.new("L", (2000, 100)), "PNG")]))
+
+
+def test_input_limits_refuse_before_any_model_work(tiny_vlm, image):
+    """Images per request, prompt length (the model's context by default: 2048 tokens here)
+    and nesting depth are checked first; each refusal is typed, fast and recorded."""
+    few = tiny_vlm.with_config(GuardConfig(max_images=2))
+    parts = [{"type": "image"}] * 3 + [{"type": "text", "text": "?"}]
+    with pytest.raises(InvalidInputError, match="3 images in one request") as info:
+        few.generate([{"role": "user", "content": parts}], [image] * 3, max_new_tokens=2)
+    assert info.value.decision.mode_used == "refused"
+    long_prompt = " ".join(f"w{i}" for i in range(12_000))  # 77 kB, under the byte ceiling
+    started = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"tokens \(at most 2,048\)") as info:
+        tiny_vlm.generate(long_prompt, [image], max_new_tokens=2)
+    assert time.perf_counter() - started < 2.0 and info.value.decision.mode_used == "refused"
+    with pytest.raises(InvalidInputError, match="refused unread"):
+        tiny_vlm.generate("x" * 2048 * 65, max_new_tokens=2)
+    deep: object = "leaf"
+    for _ in range(100):
+        deep = {"k": deep}
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": "ok"},
+    ]
+    with pytest.raises(InvalidInputError, match=r"nests 10[0-9] levels deep"):
+        tiny_vlm.generate(messages, max_new_tokens=2)
+    with pytest.raises(InvalidInputError, match="nested too deeply"):
+        parse_json("[" * 5000 + "]" * 5000, "tool call arguments")
+    assert tiny_vlm.generate(long_prompt[:200], [image], max_new_tokens=2).decision.guarded
 
 
 def test_large_images_are_reduced_to_a_working_size_right_after_decoding():

@@ -258,6 +258,79 @@ def test_bad_input_is_400_with_the_typed_message(served):
     assert response.status_code == 413
 
 
+def test_hostile_bodies_get_typed_400s_and_never_a_500(served):
+    """Tool-call arguments nested 5000 deep (a RecursionError, HTTP 500 before) and a body
+    nested deeper than the parser allows."""
+    deep = "[" * 5000 + "]" * 5000
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+    ]
+    headers = {"Authorization": "Bearer key-a"}
+    answer = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        headers=headers,
+        json={"model": served.settings.model, "messages": messages, "max_tokens": 2},
+    )
+    assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]["message"]
+    nested = '{"model": "m", "messages": ' + "[" * 5000 + "]" * 5000 + "}"
+    answer = httpx.post(
+        f"{served.url}/v1/chat/completions",
+        headers={**headers, "content-type": "application/json"},
+        content=nested,
+    )
+    assert answer.status_code == 400 and "recursion limit" in answer.json()["error"]["message"]
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit_not_read_whole(served):
+    """200 MB sent without a length to an app that takes 200 kB: refused once 200 kB have
+    arrived; the server's memory does not grow by the body (it did by 400 MB)."""
+
+    def body():
+        for _ in range(2000):
+            yield b"x" * 100_000
+
+    before = _rss_mb()
+    try:
+        answer = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer key-b"},
+            content=body(),
+            timeout=30,
+        )
+        assert answer.status_code == 413
+    except httpx.TransportError:
+        pass  # the server may close the connection on a body it refused mid-way
+    assert _rss_mb() - before < 60
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+def test_the_store_address_never_reaches_api_callers(tiny_path):
+    settings = ServerSettings(
+        model=str(tiny_path),
+        store="redis://127.0.0.1:1/0?socket_connect_timeout=0.2&retries=0",
+        apps=(AppSettings(name="a", key_sha256=hash_key("k"), max_tokens=4),),
+    )
+    server = Served(settings)
+    try:
+        answer = server.client("k").chat.completions.with_raw_response.create(
+            model=settings.model, messages=[IMAGE_MESSAGE], max_tokens=2
+        )
+        safety = answer.http_response.json()["safety"]
+        assert safety["mode_used"] == "sample" and "store unreachable" in safety["fallbacks"][0]
+        assert "127.0.0.1" not in answer.http_response.text
+        assert ":1" not in " ".join(safety["fallbacks"])
+    finally:
+        server.stop()
+
+
 def test_fail_closed_is_503_with_its_decision(tiny_path):
     settings = ServerSettings(
         model=str(tiny_path),

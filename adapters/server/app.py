@@ -162,11 +162,14 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             return respond("unknown", 401, body)
         name = app.name
         declared = request.headers.get("content-length", "0")
-        if declared.isdigit() and int(declared) > app.max_request_bytes:
-            return respond(name, 413, error_body("request too large", "invalid_request_error"))
-        raw = await request.body()
-        if len(raw) > app.max_request_bytes:
-            return respond(name, 413, error_body("request too large", "invalid_request_error"))
+        raw = None
+        if not (declared.isdigit() and int(declared) > app.max_request_bytes):
+            raw = await _read_body(request, app.max_request_bytes)
+        if raw is None:
+            body = error_body(
+                f"request over {app.max_request_bytes:,} bytes", "invalid_request_error"
+            )
+            return respond(name, 413, body)
         try:
             call = ChatCompletionRequest.model_validate_json(raw)
         except ValidationError as e:
@@ -261,6 +264,18 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         return _DeadlineStream(events(), app.max_request_s)
 
     return api
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None as soon as it passes ``limit`` bytes (a chunked body declares no
+    length: it is counted while it arrives, never held whole)."""
+    pieces, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
 
 
 def _refusal_record(error: GuardrailError, app: AppSettings, model: str) -> Any:

@@ -18,6 +18,7 @@ from adapters.conversation import (
 from guardrail import GuardedOutput, GuardRequest
 from guardrail.backends import Sampling
 from guardrail.errors import InvalidInputError
+from guardrail.limits import parse_json
 from guardrail.service import Call
 
 
@@ -128,10 +129,9 @@ def _engine_call(call: Any) -> dict[str, Any]:
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise InvalidInputError("an assistant tool call needs a function name")
     arguments = function.get("arguments") or "{}"
-    try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except json.JSONDecodeError as e:
-        raise InvalidInputError(f"tool call arguments are not JSON: {e}") from e
+    parsed = (
+        parse_json(arguments, "tool call arguments") if isinstance(arguments, str) else arguments
+    )
     return {
         "type": "function",
         "id": call.get("id"),

@@ -159,6 +159,7 @@ class Backend(Protocol):
     hidden_size: int
     image_token_id: int
     placeholders: tuple[str, ...]  # image/video placeholder tokens, never allowed in user text
+    context_length: int | None  # the longest sequence the model takes, when its config says
     tokenizer: PreTrainedTokenizerBase
     takes_tools: bool  # the chat template renders tools itself
     tool_format: ToolCallFormat  # how the model writes tool calls (its family's format)

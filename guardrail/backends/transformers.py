@@ -49,6 +49,7 @@ class TransformersBackend:
         )
         self.num_layers = len(self.layers)
         self.hidden_size = int(model.config.get_text_config().hidden_size)
+        self.context_length = context_length(model.config)
         self.image_token_id = self.family.image_token_id(model.config)
         self.image_layers = self.family.image_layers(model.config)
         self.placeholders = placeholders_of(processor, self.tokenizer)
@@ -221,6 +222,12 @@ _PLACEHOLDER_ATTRIBUTES = (
     "fake_image_token",
     "global_image_tag",
 )
+
+
+def context_length(config: Any) -> int | None:
+    """The text model's longest sequence, from its config (None when it does not say)."""
+    length = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return length if isinstance(length, int) and length > 0 else None
 
 
 def placeholders_of(processor: Processor, tokenizer: PreTrainedTokenizerBase) -> tuple[str, ...]:

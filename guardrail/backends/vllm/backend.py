@@ -22,7 +22,12 @@ from transformers import AutoConfig, PreTrainedTokenizerBase
 from guardrail.backends.fingerprint import fingerprint_checkpoint
 from guardrail.backends.grammar import grammar_text
 from guardrail.backends.processors import load_processor
-from guardrail.backends.transformers import placeholders_of, render_prompt, resolve_family
+from guardrail.backends.transformers import (
+    context_length,
+    placeholders_of,
+    render_prompt,
+    resolve_family,
+)
 from guardrail.backends.vllm.session import VLLMBatch
 from guardrail.backends.vllm.worker import pack, unpack
 from guardrail.constraints import OutputConstraint
@@ -75,6 +80,7 @@ class VLLMBackend:
         )
         text = config.get_text_config()
         self.hidden_size = int(text.hidden_size)
+        self.context_length = context_length(config)
         self.image_token_id = self.family.image_token_id(config)
         self.num_layers = int(self._rpc("cmrm_setup", self.image_token_id)[0])
         fingerprint = fingerprint_checkpoint(name_or_path, self.num_layers, self.hidden_size)
