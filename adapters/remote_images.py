@@ -5,14 +5,18 @@ allow list, and every address the host resolves to must be public (not loopback,
 link-local, multicast, reserved or unspecified, nor an IPv6 form that embeds such an IPv4
 address: IPv4-mapped, IPv4-compatible, 6to4, Teredo, NAT64). The connection then goes to the
 address that was checked (the Host header and the TLS server name stay the URL's host), so a
-DNS answer that changes between check and connect (rebinding) cannot redirect it. One deadline
-bounds the whole fetch, redirects and a slowly dripping body included. Query strings are kept
-out of httpx's request log lines.
+DNS answer that changes between check and connect (rebinding) cannot redirect it. One
+wall-clock deadline bounds the whole fetch, from the DNS lookup to the last byte: a slow
+resolver, a status line or headers dripped byte by byte, redirects and a dripping body all end
+when it passes (the connection is shut down from a timer as soon as it exists). Query strings
+are kept out of httpx's request log lines.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import copy
 import ipaddress
 import logging
 import socket
@@ -84,9 +88,13 @@ class _RedactQuery(logging.Filter):
 logging.getLogger("httpx").addFilter(_RedactQuery())
 
 
+_RESOLVER = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="image-dns")
+
+
 class _Deadline:
     """One deadline for a whole fetch: when it passes, the connection being read is shut down,
-    which ends a read blocked on a server that drips its answer."""
+    which ends a read blocked on a server that drips its answer (status line, headers or body).
+    The connection is known from httpcore's trace as soon as it is open."""
 
     def __init__(self, seconds: float) -> None:
         self.at = time.monotonic() + seconds
@@ -99,9 +107,22 @@ class _Deadline:
     def passed(self) -> bool:
         return time.monotonic() >= self.at
 
-    def watch(self, response: httpx.Response) -> None:
-        stream = response.extensions.get("network_stream")
-        self._socket = stream.get_extra_info("socket") if stream is not None else None
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        """httpcore's trace callback: remember each connection's socket once it is open."""
+        if event.endswith("connect_tcp.complete") or event.endswith("start_tls.complete"):
+            stream = info.get("return_value")
+            self._socket = stream.get_extra_info("socket") if stream is not None else None
+            if self.passed:
+                self._cut()
+
+    def resolve(self, host: str, port: int) -> list[Any]:
+        """``getaddrinfo`` within the deadline (a resolver that stalls does not hold the
+        fetch; its lookup finishes in the background)."""
+        future = _RESOLVER.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+        try:
+            return future.result(timeout=max(0.0, self.at - time.monotonic()))
+        except concurrent.futures.TimeoutError as e:
+            raise ImageFetchError("timed out fetching image: deadline passed in DNS") from e
 
     def _cut(self) -> None:
         if self._socket is not None:
@@ -138,6 +159,14 @@ class RemoteImageFetcher:
         self.reuse_s, self.reuse_bytes = reuse_s, reuse_bytes
         self._recent: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._recent_lock = threading.Lock()
+        self._until: float | None = None  # a caller's overall deadline (time.monotonic())
+
+    def until(self, at: float) -> RemoteImageFetcher:
+        """This fetcher (same rules, same reuse cache) with every fetch also ending by ``at``
+        (``time.monotonic()``): a request's deadline bounds all of its images together."""
+        bounded = copy.copy(self)
+        bounded._until = at if self._until is None else min(at, self._until)
+        return bounded
 
     def _allowed(self, address: Address) -> bool:
         if any(address in n for n in self.allow_networks):
@@ -147,7 +176,7 @@ class RemoteImageFetcher:
             return False
         return address.is_global
 
-    def _checked_address(self, parts: SplitResult) -> Address:
+    def _checked_address(self, parts: SplitResult, deadline: _Deadline) -> Address:
         """The address to connect to: every address of the host must be allowed."""
         if parts.scheme not in ("http", "https"):
             raise ImageFetchError(f"image URL scheme {parts.scheme!r} is not allowed")
@@ -160,7 +189,7 @@ class RemoteImageFetcher:
             raise ImageFetchError(f"image host {host!r} is not in the allow list")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            infos = deadline.resolve(host, port)
         except (socket.gaierror, UnicodeError) as e:
             raise ImageFetchError(f"cannot resolve image host {host!r}: {e}") from e
         addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
@@ -186,7 +215,12 @@ class RemoteImageFetcher:
         return data
 
     def _fetch(self, url: str) -> bytes:
-        deadline = _Deadline(self.timeout_s)
+        seconds = self.timeout_s
+        if self._until is not None:
+            seconds = min(seconds, self._until - time.monotonic())
+            if seconds <= 0:
+                raise ImageFetchError("timed out fetching image: the request's deadline passed")
+        deadline = _Deadline(seconds)
         try:
             with httpx.Client(follow_redirects=False, trust_env=False) as client:
                 return self._follow(client, url, deadline)
@@ -200,9 +234,8 @@ class RemoteImageFetcher:
     def _follow(self, client: httpx.Client, url: str, deadline: _Deadline) -> bytes:
         for _ in range(self.max_redirects + 1):
             parts = _parse(url)
-            address = self._checked_address(parts)
-            with client.stream(**self._pinned(parts, address, deadline.at)) as response:
-                deadline.watch(response)
+            address = self._checked_address(parts, deadline)
+            with client.stream(**self._pinned(parts, address, deadline)) as response:
                 if response.is_redirect:
                     url = urljoin(url, response.headers.get("location", ""))
                     continue
@@ -210,14 +243,16 @@ class RemoteImageFetcher:
         raise ImageFetchError(f"more than {self.max_redirects} redirects")
 
     @staticmethod
-    def _pinned(parts: SplitResult, address: Address, deadline: float) -> dict[str, Any]:
+    def _pinned(parts: SplitResult, address: Address, deadline: _Deadline) -> dict[str, Any]:
         """Request arguments that connect to ``address`` while speaking to the URL's host."""
-        remaining = deadline - time.monotonic()
+        remaining = deadline.at - time.monotonic()
         if remaining <= 0:
             raise ImageFetchError("timed out fetching image: deadline passed")
         host = parts.hostname or ""
         target = httpx.URL(parts.geturl()).copy_with(host=str(address))
-        extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+        extensions: dict[str, Any] = {"trace": deadline.trace}
+        if parts.scheme == "https":
+            extensions["sni_hostname"] = host
         return {
             "method": "GET",
             "url": target,

@@ -71,6 +71,16 @@ class _Handler(BaseHTTPRequestHandler):
         }
         if self.path == "/slow.png":
             time.sleep(2)
+        if self.path in ("/drip-status.png", "/drip-headers.png"):  # a byte every 0.3 s
+            head = b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 4\r\n\r\n"
+            start = 0 if self.path == "/drip-status.png" else head.index(b"\r\n") + 2
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(head[:start])
+                for byte in head[start:]:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            return
         if self.path == "/drip.png":  # answers at once, then one byte every 0.3 s
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -586,6 +596,29 @@ def test_one_deadline_bounds_a_slowly_dripping_answer(image_server):
     fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"], timeout_s=1.0)
     with pytest.raises(ImageFetchError, match="deadline"):
         fetcher.fetch(f"{image_server}/drip.png")  # each byte comes well within a read timeout
+
+
+@pytest.mark.parametrize("path", ["/drip-status.png", "/drip-headers.png"])
+def test_the_deadline_holds_while_the_status_line_or_headers_drip(image_server, path):
+    """The deadline used to start only once headers had arrived: a host dripping its status
+    line or headers held a 1 s fetch for 20 s."""
+    fetcher = RemoteImageFetcher(allow_networks=["127.0.0.1/32"], timeout_s=1.0)
+    started = time.perf_counter()
+    with pytest.raises(ImageFetchError, match="deadline"):
+        fetcher.fetch(f"{image_server}{path}")
+    assert time.perf_counter() - started < 1.3
+
+
+def test_the_deadline_includes_the_dns_lookup(monkeypatch):
+    def stalled(*args, **kwargs):
+        time.sleep(3)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 80))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", stalled)
+    started = time.perf_counter()
+    with pytest.raises(ImageFetchError, match="deadline passed in DNS"):
+        RemoteImageFetcher(timeout_s=0.5).fetch("http://images.example/x.png")
+    assert time.perf_counter() - started < 0.8
 
 
 def test_the_connection_goes_to_the_checked_address(image_server, monkeypatch):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import ThreadingHTTPServer
 
 import httpx
 import openai
@@ -25,7 +26,7 @@ from langchain_openai import ChatOpenAI
 
 from adapters.server import AppSettings, ServerSettings, create_app, hash_key
 
-from .test_adapter import PNG
+from .test_adapter import PNG, _Handler
 
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 IMAGE_MESSAGE = {
@@ -331,6 +332,40 @@ def test_the_store_address_never_reaches_api_callers(tiny_path):
         server.stop()
 
 
+def test_images_that_drip_cannot_hold_a_request_past_its_deadline(tiny_path):
+    """Three image URLs whose host drips its status line (5 s each): the request still ends
+    within its 1.5 s, and its slot (the app has one) is free for the next request. Before, each
+    fetch had its own deadline, counted from the headers, and the request took 25 s."""
+    images = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{images.server_address[1]}/drip-status.png"
+    settings = ServerSettings(
+        model=str(tiny_path),
+        images={"allow_networks": ["127.0.0.1/32"]},
+        apps=(
+            AppSettings(name="a", key_sha256=hash_key("k"), max_request_s=1.5, max_concurrent=1),
+        ),
+    )
+    server = Served(settings)
+    parts = [{"type": "image_url", "image_url": {"url": url}}] * 3
+    try:
+        started = time.perf_counter()
+        answer = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            headers={"Authorization": "Bearer k"},
+            json={"model": settings.model, "messages": [{"role": "user", "content": parts}]},
+            timeout=30,
+        )
+        assert time.perf_counter() - started < 2.0
+        assert answer.status_code in (400, 504) and "deadline" in answer.text
+        assert server.client("k").chat.completions.create(
+            model=settings.model, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    finally:
+        server.stop()
+        images.shutdown()
+
+
 def test_fail_closed_is_503_with_its_decision(tiny_path):
     settings = ServerSettings(
         model=str(tiny_path),
@@ -379,6 +414,37 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(served):
     finally:
         handle.remove()
     assert 0 < seen < 250 and len(passes) == seen  # stopped early, and stays stopped
+
+
+def test_a_non_streamed_call_stops_when_its_client_gives_up(served):
+    """A client that times out on a non-streamed call used to leave its generation running
+    and its slot (beta has one) taken until the answer was complete."""
+    from guardrail.registry import shared_service
+
+    chat_model = shared_service(served.settings.model, None, None, None).model
+    passes: list[int] = []
+    handle = chat_model.model.get_input_embeddings().register_forward_hook(
+        lambda *args: passes.append(1)
+    )
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{served.url}/v1/chat/completions",
+                headers={"Authorization": "Bearer key-b"},
+                json={
+                    "model": served.settings.model,
+                    "messages": [IMAGE_MESSAGE],
+                    "max_tokens": 250,
+                },
+                timeout=httpx.Timeout(10, read=0.5),
+            )
+        time.sleep(0.5)
+        seen = len(passes)
+        time.sleep(0.5)
+        assert 0 < seen < 250 and len(passes) == seen  # stopped early, and stays stopped
+        assert _ask(served, key="key-b", max_tokens=2).choices  # the slot is free again
+    finally:
+        handle.remove()
 
 
 # ---------------------------------------------------------------- LangChain's ChatOpenAI

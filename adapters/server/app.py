@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -86,7 +86,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
     (the server answers once it is loaded); with one (Ray Serve replicas), calls go to it."""
     metrics = ServerMetrics()
     slots = _Slots()
-    fetcher = RemoteImageFetcher()
+    fetcher = RemoteImageFetcher(**settings.images.model_dump())
 
     @asynccontextmanager
     async def lifespan(api: FastAPI) -> AsyncIterator[None]:
@@ -152,7 +152,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
 
     @api.post("/v1/chat/completions")
     async def completions(request: Request) -> Response:
-        arrived = time.perf_counter()
+        arrived = time.monotonic()
         authorization = request.headers.get("authorization", "")
         app = settings.app_for(authorization.removeprefix("Bearer ").strip() or None)
         if app is None:
@@ -187,21 +187,26 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             return respond(name, 429, body, **{"Retry-After": "1"})
         handed_over = False
         try:
-            # generation ends a little before the response must: the answer still gets out
-            left = app.max_request_s - (time.perf_counter() - arrived)
+            # One deadline from arrival: image fetches and generation end a little before the
+            # response must (the answer still gets out); the slot is back by then.
+            ends = arrived + app.max_request_s
+            answer_by = arrived + 0.8 * app.max_request_s
             model_call = await anyio.to_thread.run_sync(
-                call.guard_call, name, tokens, 0.8 * left, fetcher
+                call.guard_call, name, tokens, answer_by, fetcher.until(answer_by)
             )
             if call.stream:
-                response = await _stream(app, model_call, call, arrived)
+                response = await _stream(app, model_call, call, arrived, ends)
                 handed_over = True  # the stream gives the slot back when it ends
                 return response
-            with anyio.fail_after(app.max_request_s):
-                output = await running().invoke(model_call)
+            with anyio.fail_after(max(0.0, ends - time.monotonic())):
+                output = await _unless_client_leaves(request, running().invoke(model_call))
+            if output is None:  # the client went away: generation stopped, nobody to answer
+                metrics.requests.labels(name, "499").inc()
+                return Response(status_code=499)
             safety = output.decision.model_dump(mode="json")
             metrics.decision(name, safety)
             metrics.usage(name, output.usage.prompt_tokens, output.usage.completion_tokens)
-            metrics.latency.labels(name).observe(time.perf_counter() - arrived)
+            metrics.latency.labels(name).observe(time.monotonic() - arrived)
             body = completion(output, settings.model)
             return respond(name, 200, body, **{CALL_ID_HEADER: safety["call_id"]})
         except GuardrailError as e:
@@ -216,7 +221,11 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
                 slots.give(app)
 
     async def _stream(
-        app: AppSettings, model_call: Call, call: ChatCompletionRequest, arrived: float
+        app: AppSettings,
+        model_call: Call,
+        call: ChatCompletionRequest,
+        arrived: float,
+        ends: float,
     ) -> Response:
         """Start the stream; errors before the first piece get their own status code."""
         name = app.name
@@ -255,15 +264,44 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
                     piece = await anext(pieces, None)
                 yield "data: [DONE]\n\n"
                 metrics.requests.labels(name, "200").inc()
-                metrics.latency.labels(name).observe(time.perf_counter() - arrived)
+                metrics.latency.labels(name).observe(time.monotonic() - arrived)
             finally:  # done, failed, client gone or deadline: generation stops, slot returns
                 with anyio.CancelScope(shield=True):
                     await pieces.aclose()
                 slots.give(app)
 
-        return _DeadlineStream(events(), app.max_request_s)
+        return _DeadlineStream(events(), max(0.0, ends - time.monotonic()))
 
     return api
+
+
+async def _unless_client_leaves(
+    request: Request, work: Coroutine[Any, Any, GuardedOutput]
+) -> GuardedOutput | None:
+    """``work``'s result, or None once the client disconnects (``work`` is then cancelled,
+    which stops its generation and frees its slot)."""
+    result: GuardedOutput | None = None
+    error: Exception | None = None
+    async with anyio.create_task_group() as group:
+
+        async def run() -> None:
+            nonlocal result, error
+            try:
+                result = await work
+            except Exception as e:  # raised as itself below, not inside an ExceptionGroup
+                error = e
+            group.cancel_scope.cancel()
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            group.cancel_scope.cancel()
+
+        group.start_soon(run)
+        group.start_soon(watch)
+    if error is not None:
+        raise error
+    return result
 
 
 async def _read_body(request: Request, limit: int) -> bytes | None:

@@ -52,9 +52,9 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("at most 4 stop sequences")
         return stop
 
-    def guard_call(self, app: str, max_tokens: int, deadline_s: float, fetcher: Any) -> Call:
+    def guard_call(self, app: str, max_tokens: int, answer_by: float, fetcher: Any) -> Call:
         """The guard service's call for this body (``max_tokens`` already checked; the answer
-        ends after ``deadline_s`` seconds)."""
+        ends by ``answer_by``, a ``time.monotonic()`` instant, image fetches included)."""
         tools = [dict(t) for t in self.tools or []]
         if self.tool_choice is not None and not tools:
             raise InvalidInputError("tool_choice needs tools")
@@ -76,7 +76,10 @@ class ChatCompletionRequest(BaseModel):
             min_new_tokens=min(self.min_tokens or 0, max_tokens),
         )
         stops = tuple(self.stops or ())
-        return Call(app, request, sampling, tuple(conversation.sources), None, stops, deadline_s)
+        left = answer_by - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request's deadline passed while reading its images")
+        return Call(app, request, sampling, tuple(conversation.sources), None, stops, left)
 
     @property
     def stops(self) -> list[str] | None:

@@ -48,6 +48,19 @@ class AppSettings(AppSpec):
         return self.key_sha256 is not None and hmac.compare_digest(hash_key(key), self.key_sha256)
 
 
+class ImageFetchSettings(BaseModel):
+    """Where remote images may come from (see :class:`~adapters.remote_images.
+    RemoteImageFetcher`): public addresses only, unless ``allow_networks`` opts an internal
+    network back in; ``allow_hosts`` restricts to named hosts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow_hosts: tuple[str, ...] | None = None
+    allow_networks: tuple[str, ...] = ()
+    max_bytes: int = Field(default=10_000_000, ge=1)
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
 class ServerSettings(BaseModel):
     """The served model and its apps. ``development``: one app named ``default`` without a
     key, served on loopback only."""
@@ -67,6 +80,7 @@ class ServerSettings(BaseModel):
     apps: tuple[AppSettings, ...]
     development: bool = False
     docs: bool = False  # serve /docs, /redoc and /openapi.json (they need no key)
+    images: ImageFetchSettings = ImageFetchSettings()
 
     @model_validator(mode="after")
     def _checked(self) -> ServerSettings:
