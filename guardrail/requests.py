@@ -80,11 +80,12 @@ def render_request(
         parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
         return Rendering([{"role": "user", "content": parts}], images, tools)
     messages = copy.deepcopy(list(request.prompt))
+    if not messages:
+        raise InvalidInputError("the conversation has no messages")
     placeholders = 0
     for message in messages:
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise InvalidInputError("each message needs a 'role' and a 'content'")
-        if not isinstance(message["content"], str):
+        _check_message(message)
+        if isinstance(message["content"], list):
             placeholders += sum(_is_image_part(p) for p in message["content"])
     if placeholders < len(images):
         raise MissingImagePlaceholderError(
@@ -96,6 +97,28 @@ def render_request(
             f"the prompt has {placeholders} image placeholder(s) but {len(images)} image(s)"
         )
     return Rendering(messages, images, tools)
+
+
+def _check_message(message: Any) -> None:
+    """A message is a dict with a text ``role`` and a ``content`` that is text, a list of typed
+    parts (text parts with text), or empty beside tool calls."""
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise InvalidInputError("each message needs a 'role' and a 'content'")
+    if not isinstance(message["role"], str):
+        raise InvalidInputError("a message's role must be text")
+    content = message["content"]
+    if content is None and message.get("tool_calls"):
+        message["content"] = ""
+    elif isinstance(content, list):
+        for part in content:
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidInputError("each content part needs a 'type'")
+            if part["type"] == "text" and not isinstance(part.get("text"), str):
+                raise InvalidInputError("a text part needs its 'text'")
+            if part["type"] not in ("text", "image"):
+                raise InvalidInputError(f"unsupported content part type {part['type']!r}")
+    elif not isinstance(content, str):
+        raise InvalidInputError("a message's content must be text or a list of parts")
 
 
 def reject_placeholders(rendering: Rendering, placeholders: Sequence[str]) -> None:

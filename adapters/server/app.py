@@ -150,7 +150,13 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         entry = {"id": settings.model, "object": "model", "owned_by": "cmrm-guardrail"}
         return {"object": "list", "data": [entry]}
 
-    @api.post("/v1/chat/completions")
+    # The body is read by hand (counted while it arrives); the schema documents it all the same.
+    body_schema = {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}
+
+    @api.post(
+        "/v1/chat/completions",
+        openapi_extra={"requestBody": {"required": True, "content": body_schema}},
+    )
     async def completions(request: Request) -> Response:
         arrived = time.monotonic()
         authorization = request.headers.get("authorization", "")
