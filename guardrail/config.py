@@ -56,11 +56,12 @@ class GuardConfig(BaseModel):
       level: a dataset-level shift calibrated on prompts without tools removes much less of the
       image's shift from prompts with them (``bench/tools_shift.py``, bench/RESULTS.md). Turn it
       off if your dataset-level shift was calibrated on prompts with your tools.
-    * ``max_images``, ``max_prompt_tokens``, ``max_json_depth``, ``max_image_aspect_ratio`` -
-      input limits, checked before any model work: images per request; text tokens of the
-      conversation and its tools (None: the model's context length); nesting of messages, tool
-      calls and schemas; longest side over shortest side of an image (the processor's resize
-      would enlarge a thin image to gigabytes).
+    * ``max_images``, ``max_prompt_tokens``, ``max_json_depth``, ``max_image_aspect_ratio``,
+      ``max_resized_pixels`` - input limits, checked before any model work: images per request;
+      text tokens of the conversation and its tools (None: the model's context length); nesting
+      of messages, tool calls and schemas; longest side over shortest side of an image; and the
+      pixels of an image once the model's processor has resized it (a shortest-edge resize
+      enlarges a thin image: 2000x1 becomes 225 million pixels for LLaVA-1.5's CLIP).
     * ``shift_calibration_id`` - pin the dataset-level shift to one calibration (the id that
       ``guardrail calibrate`` prints): a stored vector of any other calibration, even one
       signed with the deployment's key, is refused. Without a pin, a signed store refuses an
@@ -86,6 +87,7 @@ class GuardConfig(BaseModel):
     max_prompt_tokens: int | None = Field(default=None, ge=1)
     max_json_depth: int = Field(default=64, ge=2)
     max_image_aspect_ratio: float = Field(default=20.0, ge=1.0)
+    max_resized_pixels: int = Field(default=16_000_000, ge=1)
     shift_calibration_id: str | None = None
 
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:

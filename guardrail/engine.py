@@ -33,7 +33,7 @@ from guardrail.backends.hooks import CapturePlan
 from guardrail.config import GuardConfig, Mode
 from guardrail.correction import to_backend_request
 from guardrail.decision import GuardDecision, log_decision
-from guardrail.errors import GuardrailError, GuardUnavailableError
+from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidImageError
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
 from guardrail.limits import check_depth, check_images, check_prompt_tokens, parse_json
@@ -406,8 +406,16 @@ class GuardedVLM:
         log_decision(error.decision)
 
     def check_limits(self, rendering: Rendering, request: GuardRequest) -> None:
-        """Raise :class:`~guardrail.errors.InvalidInputError` when ``rendering`` nests deeper
-        or runs longer than the config allows (the model's context by default)."""
+        """Raise a typed error when an image of ``rendering`` would grow past the config's
+        budget in the processor's resize, or it nests deeper or runs longer than allowed (the
+        model's context by default)."""
+        for image in rendering.images:
+            resized = self.backend.resized_pixels(*image.size)
+            if resized > self.config.max_resized_pixels:
+                raise InvalidImageError(
+                    f"image of {image.width}x{image.height} would be resized to {resized:,} "
+                    f"pixels by the model's processor (at most {self.config.max_resized_pixels:,})"
+                )
         depth = self.config.max_json_depth
         check_depth(rendering.messages, depth, "the conversation")
         check_depth(list(rendering.tools), depth, "the tool definitions")

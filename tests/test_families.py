@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from langchain_core.messages import HumanMessage
+from PIL import Image
 
 from adapters.langchain import ChatGuardedVLM
 from guardrail import (
@@ -20,7 +21,8 @@ from guardrail import (
     ModelFamily,
     UnknownModelFamilyError,
 )
-from guardrail.families import family_for
+from guardrail.errors import InvalidImageError
+from guardrail.families import family_for, family_named
 from guardrail.images import corruption_image
 from guardrail.requests import corrupted, render_request
 from guardrail.testing import TINY_FAMILIES, fixture_path, synthetic_image
@@ -156,3 +158,38 @@ def test_a_user_family_overrides_the_known_one(tiny_path):
     missing = ModelFamily("broken", ("llava",), image_token_attributes=("no_such_id",))
     with pytest.raises(UnknownModelFamilyError, match="no_such_id"):
         GuardedVLM.from_pretrained(str(tiny_path), family=missing)
+
+
+@pytest.mark.parametrize(
+    "family, image_processor, size, expected",
+    [
+        # LLaVA-1.5's CLIP: the short side goes up to 336, so a 2000x1 image becomes 672000x336
+        ("llava", {"size": {"shortest_edge": 336}}, (2000, 1), 336 * 336 * 2000),
+        ("llava", {"size": {"shortest_edge": 336}}, (640, 480), 150_528),
+        ("gemma3", {"size": {"height": 896, "width": 896}}, (2000, 100), 896 * 896),
+        (
+            "qwen2_vl",
+            {"size": {"shortest_edge": 3136, "longest_edge": 12845056}},
+            (2000, 100),
+            12845056,
+        ),
+        ("idefics3", {"size": {"longest_edge": 1456}}, (2000, 100), 1456 * 1456),
+    ],
+)
+def test_the_processors_resize_is_bounded_from_its_settings(
+    family, image_processor, size, expected
+):
+    processor = SimpleNamespace(image_processor=SimpleNamespace(**image_processor))
+    assert family_named(family).resized_pixels(processor, *size) == expected
+
+
+def test_an_image_the_processor_would_blow_up_is_refused_before_it_runs(tiny_vlm):
+    """The tiny fixture's processor scales the short side to 32 pixels: a 400x20 image becomes
+    640x32 = 20,480 pixels, over a budget of 10,000; 200x20 (10,240) and 100x50 fit 12,000."""
+    strict = tiny_vlm.with_config(GuardConfig(max_resized_pixels=12_000))
+    with pytest.raises(InvalidImageError, match="resized to 20,480 pixels") as info:
+        strict.generate("What?", [Image.new("RGB", (400, 20))], max_new_tokens=1)
+    assert info.value.decision.mode_used == "refused"
+    assert strict.generate(
+        "What?", [Image.new("RGB", (200, 20))], max_new_tokens=1
+    ).decision.guarded

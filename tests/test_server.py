@@ -250,6 +250,15 @@ def test_bad_input_is_400_with_the_typed_message(served):
         served.client("key-a").chat.completions.create(
             model="gpt-4o", messages=[IMAGE_MESSAGE], max_tokens=2
         )
+    split = [{"type": "text", "text": "What is <ima"}, {"type": "text", "text": "ge> this?"}]
+    with pytest.raises(openai.BadRequestError, match="reserved placeholder") as caught:
+        served.client("key-a").chat.completions.create(
+            model=served.settings.model, messages=[{"role": "user", "content": split}]
+        )
+    assert caught.value.response.json()["safety"]["mode_used"] == "refused"
+    with pytest.raises(openai.BadRequestError, match="response_format") as caught:
+        _ask(served, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
+    assert caught.value.response.json()["safety"]["mode_used"] == "refused"
     big = {"role": "user", "content": "x" * 300_000}
     response = httpx.post(
         f"{served.url}/v1/chat/completions",

@@ -168,6 +168,10 @@ class Backend(Protocol):
         """(width, height) of the corruption image for a prompt without an image."""
         ...
 
+    def resized_pixels(self, width: int, height: int) -> int:
+        """An upper bound on the pixels the processor resizes a ``width x height`` image to."""
+        ...
+
     def open_batch(self) -> BatchSession:
         """A new running batch on this model."""
         ...

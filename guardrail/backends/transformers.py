@@ -105,6 +105,9 @@ class TransformersBackend:
     def default_image_size(self) -> tuple[int, int]:
         return self.family.default_image_size(self.processor)
 
+    def resized_pixels(self, width: int, height: int) -> int:
+        return self.family.resized_pixels(self.processor, width, height)
+
     def encode(
         self, renderings: Sequence[Rendering], continuation: torch.Tensor | None = None
     ) -> Inputs:

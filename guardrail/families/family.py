@@ -131,6 +131,30 @@ class ModelFamily:
                 return int(size["shortest_edge"]), int(size["shortest_edge"])
         return DEFAULT_SIDE, DEFAULT_SIDE
 
+    def resized_pixels(self, processor: Any, width: int, height: int) -> int:
+        """An upper bound on the pixels of the image the processor resizes a ``width x height``
+        image to, read off its size settings: within the maximum of a pixel-range resize
+        (Qwen2-VL), within the square of a longest-edge one (Idefics3), the fixed size of a
+        fixed one; a shortest-edge resize (CLIP) scales the short side up to its target, so a
+        thin image grows with its aspect ratio. Unknown settings: the image's own size."""
+        image_processor = getattr(processor, "image_processor", None)
+        size = _as_dict(getattr(image_processor, "size", None))
+        if self.image_size_rule == "pixel-range":
+            high = size.get("longest_edge", getattr(image_processor, "max_pixels", None))
+            return int(high) if high else width * height
+        if self.image_size_rule == "longest-edge":
+            for attribute in ("max_image_size", "size"):
+                found = _as_dict(getattr(image_processor, attribute, None))
+                if "longest_edge" in found:
+                    return int(found["longest_edge"]) ** 2
+            return width * height
+        if "shortest_edge" in size:
+            side = int(size["shortest_edge"])
+            return math.ceil(side * side * max(width, height) / min(width, height))
+        if "height" in size and "width" in size:
+            return int(size["height"]) * int(size["width"])
+        return width * height
+
 
 def _as_dict(size: Any) -> Mapping[str, Any]:
     """Image processor sizes are dicts or ``SizeDict`` objects; None-valued fields dropped."""

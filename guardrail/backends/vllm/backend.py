@@ -137,6 +137,9 @@ class VLLMBackend:
     def default_image_size(self) -> tuple[int, int]:
         return self.family.default_image_size(self.processor)
 
+    def resized_pixels(self, width: int, height: int) -> int:
+        return self.family.resized_pixels(self.processor, width, height)
+
     def open_batch(self) -> VLLMBatch:
         """A session on the shared engine: vLLM schedules every request with every other."""
         return VLLMBatch(self)
