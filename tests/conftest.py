@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -14,24 +13,12 @@ import uuid
 import pytest
 import redis
 import torch
-from hypothesis import HealthCheck, settings
 
 from guardrail import GuardConfig, GuardedVLM
 from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 from tests.helpers import SHARED_REDIS
 
 torch.set_num_threads(2)
-
-# Fuzzing (tests/test_fuzz.py): in CI the same examples on every run (a failure reproduces);
-# locally new ones each time. No example database is kept.
-settings.register_profile(
-    "cmrm",
-    deadline=None,
-    database=None,
-    derandomize=bool(os.environ.get("CI")),
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-settings.load_profile("cmrm")
 
 # The vLLM backend's tests need vLLM, which lives in an environment of its own (.venv-vllm):
 # `make test` runs them there, after this suite.

@@ -4,7 +4,8 @@ refuses with a typed error, records the call once, never answers a multimodal ca
 
 Property-based (hypothesis) over stored entries, image bytes and sizes and message content, and
 schema-driven (schemathesis) over the server's OpenAPI schema. In CI the examples are the same
-on every run (tests/conftest.py); the budgets keep the module within about a minute.
+on every run (a failure reproduces), locally new ones each time; the budgets keep the module
+within about a minute.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import base64
 import io
 import json
 import logging
+import os
 from contextlib import suppress
 
 import httpx
 import pytest
 import schemathesis
 import torch
-from hypothesis import event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load as st_load
@@ -39,6 +41,15 @@ from shift_store import (
 )
 from tests.helpers import key_of, make_vector
 from tests.test_server import Served
+
+settings.register_profile(
+    "fuzz",
+    deadline=None,
+    database=None,
+    derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+settings.load_profile("fuzz")
 
 # ---------------------------------------------------------------- stored entries
 

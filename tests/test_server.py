@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import contextlib
 import os
 import signal
 import socket
@@ -396,7 +397,9 @@ def test_fail_closed_is_503_with_its_decision(tiny_path):
         server.stop()
 
 
-def test_a_client_that_disconnects_mid_stream_stops_its_generation(served):
+@contextlib.contextmanager
+def _forward_passes(served: Served):
+    """The served model's forward passes, counted while the block runs."""
     from guardrail.registry import shared_service
 
     chat_model = shared_service(served.settings.model, None, None, None).model
@@ -405,55 +408,45 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(served):
         lambda *args: passes.append(1)
     )
     try:
+        yield passes
+    finally:
+        handle.remove()
+
+
+LONG_ANSWER = {"messages": [IMAGE_MESSAGE], "max_tokens": 250}
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_generation(served):
+    with _forward_passes(served) as passes:
         with httpx.stream(
             "POST",
             f"{served.url}/v1/chat/completions",
             headers={"Authorization": "Bearer key-b"},
-            json={
-                "model": served.settings.model,
-                "messages": [IMAGE_MESSAGE],
-                "max_tokens": 250,
-                "stream": True,
-            },
+            json={"model": served.settings.model, **LONG_ANSWER, "stream": True},
         ) as response:
             next(response.iter_lines())
         time.sleep(1.0)
         seen = len(passes)
         time.sleep(0.5)
-    finally:
-        handle.remove()
     assert 0 < seen < 250 and len(passes) == seen  # stopped early, and stays stopped
 
 
 def test_a_non_streamed_call_stops_when_its_client_gives_up(served):
     """A client that times out on a non-streamed call used to leave its generation running
     and its slot (beta has one) taken until the answer was complete."""
-    from guardrail.registry import shared_service
-
-    chat_model = shared_service(served.settings.model, None, None, None).model
-    passes: list[int] = []
-    handle = chat_model.model.get_input_embeddings().register_forward_hook(
-        lambda *args: passes.append(1)
-    )
-    try:
+    with _forward_passes(served) as passes:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
                 f"{served.url}/v1/chat/completions",
                 headers={"Authorization": "Bearer key-b"},
-                json={
-                    "model": served.settings.model,
-                    "messages": [IMAGE_MESSAGE],
-                    "max_tokens": 250,
-                },
+                json={"model": served.settings.model, **LONG_ANSWER},
                 timeout=httpx.Timeout(10, read=0.5),
             )
         time.sleep(0.5)
         seen = len(passes)
         time.sleep(0.5)
-        assert 0 < seen < 250 and len(passes) == seen  # stopped early, and stays stopped
-        assert _ask(served, key="key-b", max_tokens=2).choices  # the slot is free again
-    finally:
-        handle.remove()
+    assert 0 < seen < 250 and len(passes) == seen  # stopped early, and stays stopped
+    assert _ask(served, key="key-b", max_tokens=2).choices  # the slot is free again
 
 
 # ---------------------------------------------------------------- LangChain's ChatOpenAI
