@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from adapters.remote_images import RemoteImageFetcher
 from guardrail.constraints import OutputConstraint
 from guardrail.errors import InvalidImageError, InvalidInputError
-from guardrail.tools import Tool, tool_name
+from guardrail.tools import Tool, check_tools, tool_name
 from guardrail.trust import ImageSource
 
 
@@ -78,7 +78,8 @@ def image_from_url(url: object, fetcher: RemoteImageFetcher) -> tuple[bytes, Ima
 
 def tool_choice_value(choice: Any, tools: Sequence[Tool]) -> str:
     """LangChain's and OpenAI's spellings of ``tool_choice`` as ``auto``, ``none``,
-    ``required`` or a tool's name."""
+    ``required`` or a tool's name (the tools are checked first)."""
+    check_tools(tools)
     if choice is None or choice == "auto":
         return "auto"
     if choice is False or choice == "none":

@@ -65,7 +65,7 @@ def check_tools(tools: Sequence[Tool]) -> None:
     names = []
     for tool in tools:
         function = tool.get("function") if isinstance(tool, Mapping) else None
-        if tool.get("type") != "function" or not isinstance(function, Mapping):
+        if not isinstance(function, Mapping) or tool.get("type") != "function":
             raise InvalidInputError(f"a tool must be an OpenAI function definition, not {tool!r}")
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise InvalidInputError("every tool needs a function name")

@@ -66,11 +66,18 @@ def _complete_vector() -> ShiftVector:
 
 
 VALID = _complete_vector().to_bytes()
-JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
-    max_leaves=6,
-)
+
+
+def _json_values(floats: st.SearchStrategy[float]) -> st.SearchStrategy[object]:
+    return st.recursive(
+        st.none() | st.booleans() | st.integers() | floats | st.text(max_size=12),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner),
+        max_leaves=6,
+    )
+
+
+JSON_VALUES = _json_values(st.floats())  # NaN and infinities included
+WIRE_VALUES = _json_values(st.floats(allow_nan=False, allow_infinity=False))  # what JSON carries
 
 
 def _parts(payload: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -281,11 +288,11 @@ OPENAI_PARTS = st.one_of(
             ]
         ),
     ),
-    st.dictionaries(st.sampled_from(["type", "text", "image_url"]), JSON_VALUES, max_size=3),
+    st.dictionaries(st.sampled_from(["type", "text", "image_url"]), WIRE_VALUES, max_size=3),
 )
 OPENAI_MESSAGES = st.lists(
     st.fixed_dictionaries(
-        {"role": ROLES, "content": TEXT | st.lists(OPENAI_PARTS, max_size=3) | JSON_VALUES}
+        {"role": ROLES, "content": TEXT | st.lists(OPENAI_PARTS, max_size=3) | WIRE_VALUES}
     ),
     min_size=1,
     max_size=3,

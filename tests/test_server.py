@@ -260,6 +260,9 @@ def test_bad_input_is_400_with_the_typed_message(served):
     with pytest.raises(openai.BadRequestError, match="response_format") as caught:
         _ask(served, response_format={"type": "json_schema", "json_schema": {"name": "x"}})
     assert caught.value.response.json()["safety"]["mode_used"] == "refused"
+    with pytest.raises(openai.BadRequestError, match="OpenAI function definition") as caught:
+        _ask(served, tools=[{"type": "function"}], tool_choice="auto")  # a KeyError, HTTP 500
+    assert caught.value.response.json()["safety"]["mode_used"] == "refused"
     big = {"role": "user", "content": "x" * 300_000}
     response = httpx.post(
         f"{served.url}/v1/chat/completions",
