@@ -78,8 +78,9 @@ def image_from_url(url: object, fetcher: RemoteImageFetcher) -> tuple[bytes, Ima
 
 def tool_choice_value(choice: Any, tools: Sequence[Tool]) -> str:
     """LangChain's and OpenAI's spellings of ``tool_choice`` as ``auto``, ``none``,
-    ``required`` or a tool's name (the tools are checked first)."""
-    check_tools(tools)
+    ``required`` or a tool's name (the tools' form is checked first; their names' uniqueness
+    when a request offers them)."""
+    check_tools(tools, unique=False)
     if choice is None or choice == "auto":
         return "auto"
     if choice is False or choice == "none":

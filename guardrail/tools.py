@@ -60,8 +60,9 @@ def tool_name(tool: Tool) -> str:
     return str(tool["function"]["name"])
 
 
-def check_tools(tools: Sequence[Tool]) -> None:
-    """Raise :class:`InvalidInputError` unless every tool is a named function definition."""
+def check_tools(tools: Sequence[Tool], unique: bool = True) -> None:
+    """Raise :class:`InvalidInputError` unless every tool is a named function definition (with
+    ``unique``, each name once: a request may not offer two tools of one name)."""
     names = []
     for tool in tools:
         function = tool.get("function") if isinstance(tool, Mapping) else None
@@ -70,7 +71,7 @@ def check_tools(tools: Sequence[Tool]) -> None:
         if not isinstance(function.get("name"), str) or not function["name"]:
             raise InvalidInputError("every tool needs a function name")
         names.append(function["name"])
-    if len(set(names)) != len(names):
+    if unique and len(set(names)) != len(names):
         raise InvalidInputError(f"tool names must be unique, got {names}")
 
 
