@@ -101,7 +101,10 @@ def answer_constraint(
 ) -> OutputConstraint | None:
     """What constrained decoding must hold the answer to, if anything: a tool call when one is
     required; the response format, or a tool call when tools are offered too."""
-    answer = None if response_format is None else response_constraint(response_format)
+    plain = response_format is None or (
+        isinstance(response_format, dict) and response_format.get("type") == "text"
+    )
+    answer = None if plain else response_constraint(response_format)
     if not tools or choice == "none":
         return answer
     if choice == "auto":
@@ -121,6 +124,7 @@ def response_constraint(response_format: Any) -> OutputConstraint:
         if isinstance(schema, dict):
             return OutputConstraint.json_schema(schema)
     raise InvalidInputError(
-        "response_format must be {'type': 'json_object'}, {'type': 'json_schema', "
+        "response_format must be {'type': 'text'}, {'type': 'json_object'}, "
+        "{'type': 'json_schema', "
         f"'json_schema': {{'schema': ...}}}} or a pydantic class, not {response_format!r}"
     )

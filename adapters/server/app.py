@@ -22,12 +22,14 @@ from typing import Any
 
 import anyio
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
 from adapters.remote_images import RemoteImageFetcher
 from adapters.server.metrics import ServerMetrics
+from adapters.server.middleware import REQUEST_ID_HEADER, RequestIds, UnforeseenErrors
 from adapters.server.protocol import (
     ChatCompletionRequest,
     chunk,
@@ -105,13 +107,18 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         openapi_url="/openapi.json" if docs else None,
     )
 
-    @api.exception_handler(Exception)
-    async def unexpected(_request: Request, error: Exception) -> JSONResponse:
-        """Anything unforeseen still answers in OpenAI's error shape (and is counted)."""
-        metrics.requests.labels("unknown", "500").inc()
-        body = error_body(f"internal error: {type(error).__name__}", "server_error")
-        return JSONResponse(body, status_code=500)
-
+    api.add_middleware(
+        UnforeseenErrors, on_error=lambda: metrics.requests.labels("unknown", "500").inc()
+    )
+    if settings.cors_origins:
+        api.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER, CALL_ID_HEADER],
+        )
+    api.add_middleware(RequestIds)
     api.state.runner = runner
 
     def running() -> Runner:
@@ -145,10 +152,42 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
 
+    started = int(time.time())
+    model_entry = {
+        "id": settings.model,
+        "object": "model",
+        "created": started,
+        "owned_by": "cmrm-guardrail",
+    }
+
+    def app_of(request: Request) -> AppSettings | None:
+        """The app whose API key the request carries."""
+        key = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return settings.app_for(key or None)
+
+    def denied() -> JSONResponse:
+        body = error_body("missing or unknown API key", "authentication_error", "invalid_api_key")
+        return respond("unknown", 401, body)
+
     @api.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        entry = {"id": settings.model, "object": "model", "owned_by": "cmrm-guardrail"}
-        return {"object": "list", "data": [entry]}
+    async def models(request: Request) -> Response:
+        if app_of(request) is None:
+            return denied()
+        return JSONResponse({"object": "list", "data": [model_entry]})
+
+    @api.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> Response:
+        if app_of(request) is None:
+            return denied()
+        if model_id != settings.model:
+            body = error_body(
+                f"the model {model_id!r} does not exist",
+                "invalid_request_error",
+                "model_not_found",
+                param="model",
+            )
+            return JSONResponse(body, 404)
+        return JSONResponse(model_entry)
 
     # The body is read by hand (counted while it arrives); the schema documents it all the same.
     body_schema = {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}
@@ -159,13 +198,9 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
     )
     async def completions(request: Request) -> Response:
         arrived = time.monotonic()
-        authorization = request.headers.get("authorization", "")
-        app = settings.app_for(authorization.removeprefix("Bearer ").strip() or None)
+        app = app_of(request)
         if app is None:
-            body = error_body(
-                "missing or unknown API key", "authentication_error", "invalid_api_key"
-            )
-            return respond("unknown", 401, body)
+            return denied()
         name = app.name
         declared = request.headers.get("content-length", "0")
         raw = None
@@ -179,14 +214,25 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         try:
             call = ChatCompletionRequest.model_validate_json(raw)
         except ValidationError as e:
-            summary = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-            return respond(name, 400, error_body(summary, "invalid_request_error"))
+            errors = e.errors()
+            summary = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors)
+            field = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else None
+            return respond(name, 400, error_body(summary, "invalid_request_error", param=field))
         if call.model != settings.model:
-            body = error_body(f"this server runs {settings.model}", "invalid_request_error")
+            body = error_body(
+                f"this server runs {settings.model}",
+                "invalid_request_error",
+                "model_not_found",
+                param="model",
+            )
             return respond(name, 404, body)
         tokens = call.requested_tokens or app.max_tokens
         if tokens > app.max_tokens:
-            body = error_body(f"max_tokens is at most {app.max_tokens}", "invalid_request_error")
+            body = error_body(
+                f"max_tokens is at most {app.max_tokens}",
+                "invalid_request_error",
+                param="max_tokens",
+            )
             return respond(name, 400, body)
         if not slots.take(app):
             body = error_body(f"more than {app.max_concurrent} concurrent requests", "rate_limit")

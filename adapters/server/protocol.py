@@ -44,6 +44,15 @@ class ChatCompletionRequest(BaseModel):
     response_format: dict[str, Any] | None = None
     n: Literal[1] | None = None
     user: str | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs: bool | None) -> bool | None:
+        if logprobs:
+            raise ValueError("logprobs are not supported by this server")
+        return logprobs
 
     @field_validator("stop")
     @classmethod
@@ -204,6 +213,8 @@ def final_delta(output: GuardedOutput) -> dict[str, Any]:
     return {"tool_calls": [{"index": i, **c} for i, c in enumerate(_tool_calls(output))]}
 
 
-def error_body(message: str, kind: str, code: str | None = None, **extra: Any) -> dict[str, Any]:
-    """An OpenAI-style error object."""
-    return {"error": {"message": message, "type": kind, "code": code}, **extra}
+def error_body(
+    message: str, kind: str, code: str | None = None, param: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """An OpenAI-style error object (``param``: the request field at fault, if one is)."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}, **extra}

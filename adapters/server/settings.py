@@ -81,6 +81,8 @@ class ServerSettings(BaseModel):
     development: bool = False
     docs: bool = False  # serve /docs, /redoc and /openapi.json (they need no key)
     images: ImageFetchSettings = ImageFetchSettings()
+    # browser origins allowed to call the API (CORS); none by default
+    cors_origins: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _checked(self) -> ServerSettings:
