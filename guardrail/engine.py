@@ -33,7 +33,12 @@ from guardrail.backends.hooks import CapturePlan
 from guardrail.config import GuardConfig, Mode
 from guardrail.correction import to_backend_request
 from guardrail.decision import GuardDecision, log_decision
-from guardrail.errors import GuardrailError, GuardUnavailableError, InvalidImageError
+from guardrail.errors import (
+    GuardrailError,
+    GuardUnavailableError,
+    InvalidImageError,
+    InvalidInputError,
+)
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
 from guardrail.limits import check_depth, check_images, check_prompt_tokens, parse_json
@@ -277,6 +282,15 @@ class GuardedVLM:
         renderings for sample level). Bad input and fail-closed plans raise typed errors with
         their decision record (logged)."""
         started = time.perf_counter() if started is None else started
+        sampling = sampling or Sampling()
+        vocabulary = len(self.tokenizer)
+        outside = [token for token, _ in sampling.logit_bias if token >= vocabulary]
+        if outside:
+            error = InvalidInputError(
+                f"logit_bias names token ids outside the vocabulary of {vocabulary}: {outside[:5]}"
+            )
+            self.record_refusal(error, request.app)
+            raise error
         rendering, plan = self.plan(request)
         backend_request = to_backend_request(
             request_id or uuid.uuid4().hex,
@@ -284,7 +298,7 @@ class GuardedVLM:
             rendering,
             plan,
             self.config,
-            sampling or Sampling(),
+            sampling,
             self.backend.default_image_size,
         )
         prepared_ms = (time.perf_counter() - started) * 1e3
@@ -468,7 +482,20 @@ class PreparedCall:
 
 
 _SAMPLING_ARGUMENTS = frozenset(
-    {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "min_new_tokens", "do_sample"}
+    {
+        "max_new_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "min_new_tokens",
+        "do_sample",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+    }
 )
 
 
@@ -481,6 +508,10 @@ def sampling_of(generation: dict[str, Any]) -> Sampling:
     if unknown:
         raise TypeError(f"unsupported generation argument(s) {sorted(unknown)}")
     settings = {k: v for k, v in generation.items() if k != "do_sample"}
+    if isinstance(settings.get("logit_bias"), dict):  # {token id: bias}, as OpenAI spells it
+        settings["logit_bias"] = tuple(
+            (int(k), float(v)) for k, v in settings["logit_bias"].items()
+        )
     if not generation.get("do_sample", "temperature" in settings):
         settings["temperature"] = 0.0
     return Sampling(**settings)

@@ -141,3 +141,43 @@ def test_an_unforeseen_error_is_a_counted_500_and_the_connection_stays_usable():
         "code": None,
     }
     assert 'guardrail_requests_total{app="unknown",status="500"} 5.0' in metrics
+
+
+def test_penalties_bias_and_vllms_sampling_extensions_are_honoured(server):
+    """ChatOpenAI(frequency_penalty=0.1) was a 400; now every one of these reaches the model."""
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=server.settings.model,
+        base_url=f"{server.url}/v1",
+        api_key=KEY,
+        max_tokens=4,
+        frequency_penalty=0.1,
+        presence_penalty=0.1,
+        max_retries=0,
+    )
+    assert chat.invoke("hi").response_metadata["finish_reason"] in ("length", "stop")
+    client = _client(server)
+    plain = client.chat.completions.create(
+        model=server.settings.model, messages=[IMAGE_MESSAGE], max_tokens=3
+    )
+    tokens = client.chat.completions.create(
+        model=server.settings.model,
+        messages=[IMAGE_MESSAGE],
+        max_tokens=3,
+        logit_bias={"42": 100},
+        extra_body={"top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2},
+        temperature=0.7,
+        seed=3,
+    )
+    assert tokens.usage.completion_tokens == 3
+    forced = client.chat.completions.create(
+        model=server.settings.model, messages=[IMAGE_MESSAGE], max_tokens=3, logit_bias={"42": 100}
+    )
+    assert forced.choices[0].message.content != plain.choices[0].message.content
+    assert forced.model_extra["safety"]["guarded"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=server.settings.model, messages=[IMAGE_MESSAGE], presence_penalty=3
+        )
+    assert caught.value.body["param"] == "presence_penalty"

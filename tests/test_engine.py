@@ -25,8 +25,9 @@ from guardrail import (
     MissingImagePlaceholderError,
     ShiftMismatchError,
 )
-from guardrail.backends import TransformersBackend
+from guardrail.backends import Sampling, TransformersBackend
 from guardrail.backends.hooks import CorrectionPlan, Lockstep, RowTrim
+from guardrail.backends.penalties import penalize
 from guardrail.backends.transformers_batch import prefill_mask, stacked_shifts
 from guardrail.images import corruption_image
 from guardrail.limits import parse_json
@@ -432,3 +433,48 @@ def test_large_images_are_reduced_to_a_working_size_right_after_decoding():
     assert render_request(GuardRequest("What?", [png])).images[0].size == (2000, 1500)
     small = synthetic_image(4, (640, 480))
     assert render_request(GuardRequest("What?", [small])).images[0].size == (640, 480)
+
+
+def test_bias_and_penalties_match_transformers_own_processors(tiny_vlm, image):
+    """With the guard off, repetition_penalty and logit_bias give exactly what transformers'
+    RepetitionPenaltyLogitsProcessor and SequenceBiasLogitsProcessor give (prompt included)."""
+    inputs = tiny_vlm.encode([render_request(GuardRequest("Describe it.", [image]))])
+    prompt_length = inputs["input_ids"].shape[1]
+    pad = tiny_vlm.tokenizer.pad_token_id
+    plain = tiny_vlm.generate("Describe it.", [image], max_new_tokens=12, mode="off")
+    favoured = next(t for t in range(5, 50) if t not in plain.token_ids)
+    for ours, theirs in (
+        ({"repetition_penalty": 1.5}, {"repetition_penalty": 1.5}),
+        ({"logit_bias": {favoured: 100.0}}, {"sequence_bias": {(favoured,): 100.0}}),
+    ):
+        with torch.no_grad():
+            raw = tiny_vlm.model.generate(
+                **inputs, max_new_tokens=12, do_sample=False, pad_token_id=pad, **theirs
+            )
+        out = tiny_vlm.generate("Describe it.", [image], max_new_tokens=12, mode="off", **ours)
+        assert out.token_ids == raw[0, prompt_length:].tolist()[: len(out.token_ids)]
+        assert out.token_ids != plain.token_ids, ours
+    biased = tiny_vlm.generate(
+        "Describe it.", [image], max_new_tokens=3, logit_bias={favoured: 100}
+    )
+    assert biased.token_ids == [favoured] * 3 and biased.decision.guarded
+    with pytest.raises(InvalidInputError, match="outside the vocabulary") as info:
+        tiny_vlm.generate("Describe it.", [image], max_new_tokens=2, logit_bias={10**9: 1.0})
+    assert info.value.decision.mode_used == "refused"
+
+
+def test_frequency_and_presence_penalties_count_the_answer_so_far():
+    scores = torch.zeros(6)
+    penalize(scores, Sampling(frequency_penalty=0.5, presence_penalty=0.25), None, [1, 1, 3])
+    assert scores.tolist() == [0.0, -1.25, 0.0, -0.75, 0.0, 0.0]
+    scores = torch.tensor([2.0, -2.0, 2.0, 0.5])
+    penalize(scores, Sampling(repetition_penalty=2.0), torch.tensor([0]), [1])
+    assert scores.tolist() == [1.0, -4.0, 2.0, 0.5]
+
+
+def test_min_p_of_one_keeps_only_the_top_token(tiny_vlm, image):
+    greedy = tiny_vlm.generate("Describe it.", [image], max_new_tokens=8)
+    sampled = tiny_vlm.generate(
+        "Describe it.", [image], max_new_tokens=8, do_sample=True, temperature=1.0, min_p=1.0
+    )
+    assert sampled.token_ids == greedy.token_ids

@@ -46,6 +46,12 @@ class ChatCompletionRequest(BaseModel):
     user: str | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = None  # token id (as text in JSON) -> [-100, 100]
+    top_k: int | None = Field(default=None, ge=-1)  # vLLM's extensions: -1, 0: all tokens
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
 
     @field_validator("logprobs")
     @classmethod
@@ -77,12 +83,19 @@ class ChatCompletionRequest(BaseModel):
             constraint=constraint,
         )
         temperature = self.temperature or 0.0
+        sampled = temperature > 0
         sampling = Sampling(
             max_new_tokens=max_tokens,
             temperature=temperature,
-            top_p=self.top_p if self.top_p is not None and temperature > 0 else 1.0,
+            top_p=self.top_p if self.top_p is not None and sampled else 1.0,
+            top_k=self.top_k if self.top_k and self.top_k > 0 and sampled else None,
+            min_p=(self.min_p or 0.0) if sampled else 0.0,
             seed=self.seed,
             min_new_tokens=min(self.min_tokens or 0, max_tokens),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=self.repetition_penalty or 1.0,
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
         )
         stops = tuple(self.stops or ())
         left = answer_by - time.monotonic()

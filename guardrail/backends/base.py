@@ -38,7 +38,15 @@ Finish = Literal["stop", "length", "grammar", "aborted"]
 @dataclass(frozen=True)
 class Sampling:
     """How one request picks its tokens. ``temperature == 0`` is greedy; ``seed`` makes a
-    sampled request reproducible on its own, whatever it shares a batch with."""
+    sampled request reproducible on its own, whatever it shares a batch with.
+
+    As in vLLM and OpenAI, in this order: ``logit_bias`` (token id, bias) pairs are added to the
+    logits; ``repetition_penalty`` divides the positive logits (multiplies the negative ones) of
+    every token of the prompt and the answer so far; ``frequency_penalty`` subtracts itself
+    once per earlier occurrence of a token in the answer, ``presence_penalty`` once for any;
+    then temperature, ``min_p`` (tokens under ``min_p`` times the top probability dropped),
+    ``top_k`` and ``top_p``. Greedy decoding takes the bias and the penalties too.
+    """
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -46,6 +54,11 @@ class Sampling:
     top_k: int | None = None
     seed: int | None = None
     min_new_tokens: int = 0  # stop tokens are not chosen before this many
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         """Refuse values no runtime can honour (a typed error, whichever front end sent them)."""
@@ -62,12 +75,31 @@ class Sampling:
             problems.append(f"top_k must be at least 1, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             problems.append(f"seed must be in [0, 2**63), got {self.seed}")
+        if not 0 <= self.min_p <= 1:
+            problems.append(f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                problems.append(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10):
+            problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if any(token < 0 or not -100 <= bias <= 100 for token, bias in self.logit_bias):
+            problems.append("logit_bias takes token ids >= 0 and biases in [-100, 100]")
         if problems:
             raise InvalidInputError("; ".join(problems))
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the logits are changed before temperature (bias or a penalty)."""
+        return bool(
+            self.logit_bias
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -43,6 +43,7 @@ from guardrail.backends.hooks import (
     RowTrim,
     TrimState,
 )
+from guardrail.backends.penalties import min_p_filter, penalize
 
 
 class LoopModel(MeasuringBackend, Protocol):
@@ -75,6 +76,8 @@ class _Running:
     decode: torch.Tensor | None  # [K, hidden] α·Δ at generated tokens
     produced: int = 0
     done: bool = False
+    prompt_ids: torch.Tensor | None = None  # kept only when a repetition penalty reads them
+    answer: list[int] = field(default_factory=list)  # kept only when a penalty reads it
 
     @property
     def id(self) -> str:
@@ -260,6 +263,9 @@ class TransformersBatch:
         inputs: dict[str, Any] = backend.encode(renderings)
         ids = inputs.pop("input_ids")
         counts = [int(n) for n in inputs["attention_mask"][: len(group)].sum(dim=1)]
+        for i, entry in enumerate(group):
+            if entry.request.sampling.repetition_penalty != 1.0:
+                entry.prompt_ids = ids[i][inputs["attention_mask"][i].bool()]
         state = {**inputs, "use_cache": True}
         if "logits_to_keep" in backend.forward_arguments:
             state["logits_to_keep"] = 1
@@ -298,6 +304,8 @@ class TransformersBatch:
                 scores[sorted(stops)] = -float("inf")
             token = self._choose(entry, scores)
             entry.produced += 1
+            if entry.request.sampling.penalized:
+                entry.answer.append(token)
             finish: Finish | None = None
             if token in stops:
                 finish = "stop"
@@ -315,15 +323,19 @@ class TransformersBatch:
 
     @staticmethod
     def _choose(entry: _Running, scores: torch.Tensor) -> int:
+        sampling = entry.request.sampling
+        if sampling.penalized:
+            penalize(scores, sampling, entry.prompt_ids, entry.answer)
         if entry.grammar is not None:
             entry.grammar.mask(scores)
-        sampling = entry.request.sampling
         if sampling.greedy:
             return int(scores.argmax())
         batch = scores.unsqueeze(0)
         warpers: list[Callable[[Any, torch.Tensor], torch.Tensor]] = [
             TemperatureLogitsWarper(sampling.temperature)
         ]
+        if sampling.min_p > 0:
+            warpers.append(lambda _ids, s: min_p_filter(s, sampling.min_p))
         if sampling.top_k:
             warpers.append(TopKLogitsWarper(sampling.top_k))
         if sampling.top_p < 1.0:

@@ -247,3 +247,43 @@ def test_a_preempted_sample_level_request_is_recomputed_and_its_decision_says_so
     assert all(o.decision.guarded and o.decision.mode_used == "sample" for o in outputs)
     solo = service.submit(Call("a", requests[outputs.index(recomputed[0])], sampling)).result(600)
     assert solo.text == recomputed[0].text and not solo.decision.runtime_events
+
+
+def test_penalties_and_bias_reach_vllm_and_keep_the_lockstep(backend, bare):
+    """Bias and penalties are vLLM's own: unguarded, the answer is bare vLLM's with the same
+    settings; at sample level the reference rows stay in step (the answer on the corruption
+    image is still the text-only one) although a repetition penalty reads each row's prompt."""
+    sampling = Sampling(
+        max_new_tokens=TOKENS,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        logit_bias=((42, 5.0),),
+    )
+    params = SamplingParams(
+        max_tokens=TOKENS,
+        temperature=0,
+        repetition_penalty=1.3,
+        frequency_penalty=0.5,
+        presence_penalty=0.3,
+        logit_bias={42: 5.0},
+        stop_token_ids=sorted(backend.stop_token_ids()),
+    )
+    stops = backend.stop_token_ids()
+
+    def bare_answer(rendering: Rendering) -> list[int]:
+        output = bare.generate([backend.prompt(rendering)], params, use_tqdm=False)[0]
+        return [t for t in output.outputs[0].token_ids if t not in stops]
+
+    rendering = _rendering(5)
+    plain = _answers(backend, [BackendRequest("p", rendering, Sampling(max_new_tokens=TOKENS))])
+    got = _answers(backend, [BackendRequest("u", rendering, sampling)])
+    assert got["u"] == bare_answer(rendering) and got["u"] != plain["p"]
+    blank = corrupted(rendering, CorruptionSpec(), backend.default_image_size())
+    last = CorrectionShape((backend.num_layers - 1,), "last", "incremental")
+    correction = Correction(last, 1.0, references=(blank, text_only(rendering)))
+    answers = run_to_completion(
+        backend.open_batch(), [BackendRequest("s", blank, sampling, correction)]
+    )
+    assert answers["s"].error is None and not answers["s"].notes
+    assert answers["s"].tokens == bare_answer(text_only(rendering))

@@ -162,9 +162,13 @@ class GuardState:
                 layer.register_forward_hook(self._hook(index))
 
     def forced(self, logits: torch.Tensor | None) -> None:
-        """Give reference rows their request's logits (after its grammar mask), in place."""
+        """Give reference rows their request's logits (after its grammar mask), in place. The
+        image placeholder token is ruled out in all three rows: it is never an answer, and it is
+        the only token whose repetition penalty differs between them (the text-only reference
+        has no image in its prompt), so the sampler then treats the three rows alike."""
         if logits is not None:
             for source, targets in self.plan.force:
+                logits[source, self.image_token_id] = -float("inf")
                 logits[targets] = logits[source].clone()
 
     # ------------------------------------------------------------ the step's plan
