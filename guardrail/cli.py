@@ -21,6 +21,7 @@ from guardrail.errors import GuardrailError
 from guardrail.evaluation.datasets import DataReport, EvalSample, Format, read_samples
 from guardrail.families import FAMILIES
 from guardrail.requests import GuardRequest
+from guardrail.version import __version__
 from shift_store import ShiftKey, ShiftVector, StoreError, open_store
 
 COMMANDS_GROUP = "cmrm_guardrail.commands"
@@ -276,6 +277,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guardrail", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"cmrm-guardrail {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("calibrate", help="compute and store a dataset-level shift")
     _model_options(p)

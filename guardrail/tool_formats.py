@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,7 +83,7 @@ class ToolCallFormat:
             try:
                 value, _ = json.JSONDecoder().raw_decode(body)
             except json.JSONDecodeError as e:
-                invalid.append(InvalidToolCall(body, f"not JSON: {e}"))
+                invalid.append(self._cut_short(body, f"not JSON: {e}"))
                 continue
             for item in value if self.listed and isinstance(value, list) else [value]:
                 found = self._call(item, body, known)
@@ -90,6 +91,19 @@ class ToolCallFormat:
         if not calls and not invalid:
             return text, [], []
         return "".join([*kept, text[position:]]).strip(), calls, invalid
+
+    def _cut_short(self, body: str, error: str) -> InvalidToolCall:
+        """A block that is not (yet) JSON, with the tool's name and the beginning of its
+        arguments when they can be read off it (a call cut short by the token limit)."""
+        name = re.search(r'"name"\s*:\s*"([^"\\]*)"', body)
+        keys = "|".join(re.escape(k) for k in {self.arguments_key, "arguments", "parameters"})
+        arguments = re.search(rf'"(?:{keys})"\s*:\s*', body)
+        return InvalidToolCall(
+            body,
+            error,
+            name.group(1) if name else None,
+            arguments=body[arguments.end() :] if arguments else None,
+        )
 
     def _blocks(self, text: str) -> list[tuple[int, int, str]]:
         """(start, end, JSON text) of each block of calls in ``text``."""

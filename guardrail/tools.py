@@ -53,6 +53,7 @@ class InvalidToolCall:
     error: str
     name: str | None = None
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+    arguments: str | None = None  # a call cut short: the beginning of its arguments' JSON
 
 
 def tool_name(tool: Tool) -> str:

@@ -213,3 +213,13 @@ def test_chat_prints_one_answer_and_its_decision(tiny_path, data, capsys):
     assert decision["guarded"] and decision["shift_level"] == "sample"
     assert main(["chat", "--model", str(tiny_path), "--image", str(images / "nope.jpg"), "Hi"]) == 2
     assert "InvalidImageError" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    from guardrail import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert (
+        done.value.code == 0 and capsys.readouterr().out.strip() == f"cmrm-guardrail {__version__}"
+    )

@@ -3,6 +3,7 @@ and raw HTTP against a server on a loopback port."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -21,7 +22,7 @@ def server(tiny_path, tmp_path_factory):
         model=str(tiny_path),
         store=f"file://{tmp_path_factory.mktemp('conformance')}",
         cors_origins=("https://app.example",),
-        apps=(AppSettings(name="a", key_sha256=hash_key(KEY), max_tokens=8),),
+        apps=(AppSettings(name="a", key_sha256=hash_key(KEY), max_tokens=64),),
     )
     served = Served(settings)
     yield served
@@ -84,7 +85,7 @@ def test_errors_name_the_parameter_at_fault(server):
     assert caught.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as caught:
         _client(server).chat.completions.create(
-            model=server.settings.model, messages=[IMAGE_MESSAGE], max_tokens=9
+            model=server.settings.model, messages=[IMAGE_MESSAGE], max_tokens=65
         )
     assert caught.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as caught:
@@ -181,3 +182,62 @@ def test_penalties_bias_and_vllms_sampling_extensions_are_honoured(server):
             model=server.settings.model, messages=[IMAGE_MESSAGE], presence_penalty=3
         )
     assert caught.value.body["param"] == "presence_penalty"
+
+
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+
+
+def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
+    """It was dropped (tool_calls None), or streamed with name null and the raw text as its
+    arguments. Now: the call with its name and the beginning of its arguments, finish_reason
+    length; LangChain's parser makes it an invalid tool call."""
+    from langchain_openai import ChatOpenAI
+
+    client = _client(server)
+    for limit in range(4, 64):
+        answer = client.chat.completions.create(
+            model=server.settings.model,
+            messages=[{"role": "user", "content": "add 2 and 3"}],
+            tools=[ADD],
+            tool_choice="required",
+            max_tokens=limit,
+        )
+        calls = answer.choices[0].message.tool_calls
+        if calls and calls[0].function.arguments:
+            break
+    choice = answer.choices[0]
+    assert choice.finish_reason == "length"
+    (call,) = choice.message.tool_calls
+    assert call.function.name == "add" and call.function.arguments.startswith("{")
+    with pytest.raises(ValueError):
+        json.loads(call.function.arguments)  # cut short: not yet JSON
+    streamed = client.chat.completions.create(
+        model=server.settings.model,
+        messages=[{"role": "user", "content": "add 2 and 3"}],
+        tools=[ADD],
+        tool_choice="required",
+        max_tokens=limit,
+        stream=True,
+    )
+    deltas = [c.choices[0].delta.tool_calls for c in streamed if c.choices]
+    named = [d[0].function.name for d in deltas if d]
+    assert named == ["add"]
+    chat = ChatOpenAI(
+        model=server.settings.model,
+        base_url=f"{server.url}/v1",
+        api_key=KEY,
+        max_tokens=limit,
+        max_retries=0,
+    ).bind_tools([ADD], tool_choice="add")
+    message = chat.invoke("add 2 and 3")
+    assert message.tool_calls == [] and message.invalid_tool_calls[0]["name"] == "add"

@@ -165,7 +165,9 @@ def _engine_call(call: Any) -> dict[str, Any]:
 
 
 def _tool_calls(output: GuardedOutput) -> list[dict[str, Any]]:
-    return [
+    """The answer's tool calls; a call cut short by the token limit too, with the beginning
+    of its arguments, as OpenAI sends it (``finish_reason`` says ``length``)."""
+    calls = [
         {
             "id": call.id,
             "type": "function",
@@ -173,14 +175,25 @@ def _tool_calls(output: GuardedOutput) -> list[dict[str, Any]]:
         }
         for call in output.tool_calls
     ]
+    if output.finish_reason == "length":
+        calls += [
+            {
+                "id": cut.id,
+                "type": "function",
+                "function": {"name": cut.name, "arguments": cut.arguments or ""},
+            }
+            for cut in output.invalid_tool_calls
+            if cut.name is not None
+        ]
+    return calls
 
 
 def completion(output: GuardedOutput, model: str) -> dict[str, Any]:
     """A ``chat.completion`` object, with the decision record as the extra field ``safety``."""
     safety = output.decision.model_dump(mode="json")
     body: dict[str, Any] = {"role": "assistant", "content": output.answer or None}
-    if output.tool_calls:
-        body["tool_calls"] = _tool_calls(output)
+    if calls := _tool_calls(output):
+        body["tool_calls"] = calls
     return {
         "id": f"chatcmpl-{safety['call_id']}",
         "object": "chat.completion",
@@ -221,9 +234,8 @@ def chunk(
 
 def final_delta(output: GuardedOutput) -> dict[str, Any]:
     """The last streamed delta: the answer's tool calls, each whole."""
-    if not output.tool_calls:
-        return {}
-    return {"tool_calls": [{"index": i, **c} for i, c in enumerate(_tool_calls(output))]}
+    calls = _tool_calls(output)
+    return {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]} if calls else {}
 
 
 def error_body(
