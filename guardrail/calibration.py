@@ -106,7 +106,9 @@ def dataset_shift_sums(
     )
     reservoir_rng = random.Random(0)
     size = len(samples) if isinstance(samples, Sequence) else None
-    with tqdm(total=size, desc="calibrating", unit="sample", disable=not progress) as bar:
+    with tqdm(
+        total=size, desc="calibrating", unit="sample", disable=None if progress else True
+    ) as bar:
         for chunk in batched(samples, batch_size):
             requests = [GuardRequest(s) if isinstance(s, str) else s for s in chunk]
             renderings = [render_request(r) for r in requests]

@@ -16,6 +16,7 @@ import torch
 from guardrail.anchors import BUNDLED_ANCHORS
 from guardrail.config import GuardConfig
 from guardrail.config_flags import add_guard_flags, guard_config
+from guardrail.decision import GuardDecision
 from guardrail.engine import GuardedVLM
 from guardrail.errors import GuardrailError
 from guardrail.evaluation.datasets import DataReport, EvalSample, Format, read_samples
@@ -38,8 +39,29 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
     return (p.exp() * (p - q)).sum(-1)
 
 
+def _summary(decision: GuardDecision) -> str:
+    """One short line of a decision: mode, α, shift."""
+    if not decision.guarded:
+        return f"{decision.mode_used}, unguarded ({decision.reason})"
+    shift = f"|Δ| {decision.shift_norm:.1f}" if decision.shift_norm is not None else "no shift"
+    return f"{decision.mode_used}, alpha {decision.alpha:g}, layers {decision.layers}, {shift}"
+
+
 def demo(args: argparse.Namespace) -> int:
-    """Build the SmolLM2 fixture (cached), calibrate, answer with and without the guard."""
+    """Build the SmolLM2 fixture (cached), calibrate, answer with and without the guard. On a
+    terminal each call gets a short line; the JSON decision lines are for logs."""
+    terminal = sys.stdout.isatty()
+    decisions = logging.getLogger("guardrail.decisions")
+    level = decisions.level
+    if terminal:
+        decisions.setLevel(logging.ERROR)
+    try:
+        return _demo(args, terminal)
+    finally:
+        decisions.setLevel(level)
+
+
+def _demo(args: argparse.Namespace, terminal: bool) -> int:
     from guardrail.testing import anchor_prompts, fixture_path, synthetic_image
 
     print(UNTRAINED_NOTICE, "\n")
@@ -75,7 +97,10 @@ def demo(args: argparse.Namespace) -> int:
         )
         for question, out in zip(questions, outputs, strict=True):
             print(f"Q: {question}\nA: {out.text}")
-            print(f"   decision: {out.decision.model_dump_json(include=_SHOWN)}")
+            if terminal:
+                print(f"   guard: {_summary(out.decision)}")
+            else:
+                print(f"   decision: {out.decision.model_dump_json(include=_SHOWN)}")
         print()
     from guardrail.evaluation.datasets import EvalSample
     from guardrail.evaluation.harness import representation

@@ -188,6 +188,17 @@ def test_demo_runs_offline_and_says_the_vision_tower_is_untrained(tmp_path):
     assert "cluster separation" in out and Image.open(tmp_path / "demo.png").size[0] > 300
 
 
+@pytest.mark.slow  # the SmolLM2 fixture
+def test_demo_on_a_terminal_prints_a_short_line_per_call(tmp_path, capsys, monkeypatch, caplog):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    args = ["demo", "--prompts", "1", "--max-new-tokens", "4", "--plot", str(tmp_path / "d.png")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "guard: off, unguarded" in out and "guard: dataset, alpha 1, layers [25]" in out
+    assert '"mode_used"' not in out
+    assert not [r for r in caplog.records if r.name == "guardrail.decisions"]
+
+
 def test_chat_prints_one_answer_and_its_decision(tiny_path, data, capsys):
     _, images, _ = data
     assert (

@@ -88,7 +88,9 @@ def run_mode(
     """Answer every sample in ``mode`` and judge the answers."""
     result = ModeResult(mode, alpha)
     elapsed = 0.0
-    for chunk in tqdm(list(batched(samples, batch_size)), desc=result.label, disable=not progress):
+    for chunk in tqdm(
+        list(batched(samples, batch_size)), desc=result.label, disable=None if progress else True
+    ):
         started = time.perf_counter()
         outputs = vlm.generate_batch(
             [_request(s, mode, alpha) for s in chunk], max_new_tokens=max_new_tokens
