@@ -18,6 +18,11 @@ from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.globals import get_llm_cache
 from langchain_core.language_models import BaseChatModel, LangSmithParams
 from langchain_core.language_models.model_profile import ModelProfile
+from langchain_core.load.serializable import (
+    SerializedConstructor,
+    SerializedNotImplemented,
+    to_json_not_implemented,
+)
 from langchain_core.messages import AIMessageChunk, BaseMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.utils.function_calling import convert_to_openai_tool
@@ -148,6 +153,33 @@ class ChatGuardedVLM(DecisionEvents, ToolBinding, BaseChatModel):
         copied = super().model_copy(update=values, deep=deep)
         copied.model_post_init(None)
         return copied
+
+    @classmethod
+    def is_lc_serializable(cls) -> bool:
+        """Serializable with ``langchain_core.load.dumps``: the settings, not the loaded model
+        (``loads(..., valid_namespaces=["adapters"], allowed_objects=[ChatGuardedVLM])`` loads
+        the model by name again, shared per process)."""
+        return True
+
+    @classmethod
+    def get_lc_namespace(cls) -> list[str]:
+        return ["adapters", "langchain"]
+
+    def to_json(self) -> SerializedConstructor | SerializedNotImplemented:
+        """The constructor's settings as plain values: the guard config as a dict; no engine
+        (the model is named instead) and no cache (a reloaded model wraps its own). A custom
+        trust policy object cannot be written down: such a model is not serializable."""
+        if not isinstance(self.trust_policy, str):
+            return to_json_not_implemented(self)
+        serialized = super().to_json()
+        if serialized["type"] != "constructor":
+            return serialized
+        kwargs = dict(serialized["kwargs"])
+        for unwritable in ("engine", "cache", "callbacks", "callback_manager", "rate_limiter"):
+            kwargs.pop(unwritable, None)
+        kwargs["model"] = self.model
+        kwargs["guard"] = self.guard.model_dump(mode="json")
+        return {**serialized, "kwargs": kwargs}
 
     @classmethod
     def from_model_id(

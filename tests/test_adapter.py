@@ -825,3 +825,20 @@ def test_a_copy_with_changed_guard_settings_runs_with_them(tiny_chat):
     assert (copied.guard.alpha, copied.guard.on_unavailable) == (0.3, "unguarded")
     assert copied.invoke([openai_image()]).response_metadata["safety"]["alpha"] == 0.3
     assert tiny_chat.invoke([openai_image()]).response_metadata["safety"]["alpha"] == 1.0
+
+
+def test_the_chat_model_round_trips_through_langchains_serialization(tiny_chat):
+    """loads(dumps(chat)) raised NotImplementedError. The settings are written (the guard config
+    as plain values, the model by name), never the loaded model or the cache: the copy loads the
+    same shared model, answers the same, and still wraps its cache."""
+    from langchain_core.load import dumps, loads
+
+    strict = tiny_chat.model_copy(update={"alpha": 0.5, "on_unavailable": "fail_closed"})
+    text = dumps(strict)
+    assert '"alpha": 0.5' in text and "GuardedCache" not in text
+    copy = loads(text, valid_namespaces=["adapters"], allowed_objects=[ChatGuardedVLM])
+    assert copy.guard == strict.guard and copy.service is strict.service
+    assert isinstance(copy.cache, GuardedCache)
+    assert copy.invoke([openai_image()]).content == strict.invoke([openai_image()]).content
+    custom = tiny_chat.model_copy(update={"trust_policy": ByImageSource(("app",))})
+    assert json.loads(dumps(custom))["type"] == "not_implemented"

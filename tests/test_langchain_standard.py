@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,8 @@ from adapters.langchain import ChatGuardedVLM
 from adapters.remote_images import RemoteImageFetcher
 from guardrail.testing import fixture_path, synthetic_image
 
-_STORE = tempfile.mkdtemp(prefix="cmrm-standard-")
+# A fixed place: test_serdes compares the serialized settings with a committed snapshot.
+_STORE = Path(tempfile.gettempdir()) / "cmrm-standard-store"
 CAPABLE = "needs a capable model"
 ON_REAL_WEIGHTS = " (passes on the SmolLM2 fixture: the *_real_weights tests below)"
 # Pydantic validates the fields, which a random model leaves unfinished: that case fails with
@@ -110,7 +112,14 @@ class _Params:
 
 
 class TestChatGuardedVLMUnit(_Params, ChatModelUnitTests):
-    pass
+    @pytest.mark.xfail(
+        reason="load(allowed_objects='all') admits only the classes of langchain-core's own "
+        "allowlist; loads(..., allowed_objects=[ChatGuardedVLM]) round-trips (test_adapter)",
+        raises=ValueError,
+        strict=True,
+    )
+    def test_serdes(self, model, snapshot) -> None:
+        super().test_serdes(model, snapshot)
 
 
 class TestChatGuardedVLMIntegration(_Params, ChatModelIntegrationTests):
