@@ -204,14 +204,14 @@ def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
     from langchain_openai import ChatOpenAI
 
     client = _client(server)
+    forced_add = {
+        "model": server.settings.model,
+        "messages": [{"role": "user", "content": "add 2 and 3"}],
+        "tools": [ADD],
+        "tool_choice": "required",
+    }
     for limit in range(4, 64):
-        answer = client.chat.completions.create(
-            model=server.settings.model,
-            messages=[{"role": "user", "content": "add 2 and 3"}],
-            tools=[ADD],
-            tool_choice="required",
-            max_tokens=limit,
-        )
+        answer = client.chat.completions.create(**forced_add, max_tokens=limit)
         calls = answer.choices[0].message.tool_calls
         if calls and calls[0].function.arguments:
             break
@@ -221,14 +221,7 @@ def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
     assert call.function.name == "add" and call.function.arguments.startswith("{")
     with pytest.raises(ValueError):
         json.loads(call.function.arguments)  # cut short: not yet JSON
-    streamed = client.chat.completions.create(
-        model=server.settings.model,
-        messages=[{"role": "user", "content": "add 2 and 3"}],
-        tools=[ADD],
-        tool_choice="required",
-        max_tokens=limit,
-        stream=True,
-    )
+    streamed = client.chat.completions.create(**forced_add, max_tokens=limit, stream=True)
     deltas = [c.choices[0].delta.tool_calls for c in streamed if c.choices]
     named = [d[0].function.name for d in deltas if d]
     assert named == ["add"]
