@@ -234,3 +234,23 @@ def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
     ).bind_tools([ADD], tool_choice="add")
     message = chat.invoke("add 2 and 3")
     assert message.tool_calls == [] and message.invalid_tool_calls[0]["name"] == "add"
+
+
+def test_chat_openai_users_read_the_decision_from_the_response_headers(server):
+    """ChatOpenAI drops unknown body fields; with include_response_headers it keeps headers."""
+    from langchain_core.messages import HumanMessage
+    from langchain_openai import ChatOpenAI
+
+    chat = ChatOpenAI(
+        model=server.settings.model,
+        base_url=f"{server.url}/v1",
+        api_key=KEY,
+        max_tokens=2,
+        max_retries=0,
+        include_response_headers=True,
+    )
+    answer = chat.invoke([HumanMessage(content=IMAGE_MESSAGE["content"])])
+    headers = answer.response_metadata["headers"]
+    decision = json.loads(headers["x-guardrail-decision"])
+    assert decision["guarded"] and decision["multimodal"]
+    assert decision["call_id"] == headers["x-guardrail-call-id"]

@@ -1,5 +1,5 @@
-"""The OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/models``, ``/healthz``,
-``/metrics``.
+"""The OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/models`` (and ``/{id}``),
+``/healthz``, ``/metrics``; docs/serving.md has every parameter.
 
 Each app of the settings is an app of one :class:`~guardrail.service.GuardService` (its guard
 config, trust policy and store namespace) over one loaded model; the service batches every app's
@@ -7,8 +7,9 @@ requests together. Requests go from OpenAI JSON to guard calls directly (no Lang
 Status codes: 401 (missing or wrong key), 404 (another model),
 413 (request too large), 429 with ``Retry-After`` (too many concurrent requests for the app),
 400 (bad input, with the typed error's message), 503 (guard unavailable and failing closed).
-Every answer carries its decision record as the extra field ``safety`` (and the header
-``x-guardrail-call-id``, except on streams, whose last chunk carries it).
+Every answer carries its decision record as the extra field ``safety`` and the headers
+``x-guardrail-call-id`` and ``x-guardrail-decision`` (JSON), except streams, whose last chunk
+carries it.
 """
 
 from __future__ import annotations
@@ -52,6 +53,16 @@ from guardrail.planning import refusal_record
 from guardrail.service import Call
 
 CALL_ID_HEADER = "x-guardrail-call-id"
+# The decision record as one JSON line (ASCII), for clients that read headers but drop unknown
+# body fields: ChatOpenAI(include_response_headers=True) puts it in response_metadata.
+DECISION_HEADER = "x-guardrail-decision"
+
+
+def decision_headers(safety: dict[str, Any] | None) -> dict[str, str]:
+    """The call id and decision headers of a (non-streamed) answer or refusal."""
+    if safety is None:
+        return {}
+    return {CALL_ID_HEADER: safety["call_id"], DECISION_HEADER: json.dumps(safety)}
 
 
 class _DeadlineStream(StreamingResponse):
@@ -116,7 +127,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
-            expose_headers=[REQUEST_ID_HEADER, CALL_ID_HEADER],
+            expose_headers=[REQUEST_ID_HEADER, CALL_ID_HEADER, DECISION_HEADER],
         )
     api.add_middleware(RequestIds)
     api.state.runner = runner
@@ -136,7 +147,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         metrics.refusal(app, type(error).__name__)
         statuses = {GuardUnavailableError: 503, InvalidInputError: 400, OverloadedError: 429}
         status = next((v for k, v in statuses.items() if isinstance(error, k)), 500)
-        headers = {CALL_ID_HEADER: decision["call_id"]} if decision else {}
+        headers = decision_headers(decision)
         body = error_body(f"{type(error).__name__}: {error}", "guardrail_error", safety=decision)
         return respond(app, status, body, **headers)
 
@@ -260,7 +271,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             metrics.usage(name, output.usage.prompt_tokens, output.usage.completion_tokens)
             metrics.latency.labels(name).observe(time.monotonic() - arrived)
             body = completion(output, settings.model)
-            return respond(name, 200, body, **{CALL_ID_HEADER: safety["call_id"]})
+            return respond(name, 200, body, **decision_headers(safety))
         except GuardrailError as e:
             if e.decision is None:  # refused while reading the body (a bad image URL...)
                 e.decision = _refusal_record(e, app, settings.model)
