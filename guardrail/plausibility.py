@@ -104,9 +104,9 @@ class PlausibilityCheck:
 
     def problem(self, shift: ShiftVector) -> str | None:
         """Why ``shift`` is not plausible for this model, or None when it is."""
-        reference = self.reference()
         if shift.decode_vectors is None:
             return "no decode vectors: generated tokens would run uncorrected"
+        reference = self.reference()
         return (
             _compare("prompt", shift.vectors, reference.prompt, self.limits)
             or _compare("decode", shift.decode_vectors, reference.decode, self.limits)

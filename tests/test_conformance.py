@@ -33,6 +33,19 @@ def _client(server: Served) -> openai.OpenAI:
     return server.client(KEY)
 
 
+def _chat_openai(server: Served, **options):
+    """LangChain's ChatOpenAI against the server."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model=server.settings.model,
+        base_url=f"{server.url}/v1",
+        api_key=KEY,
+        max_retries=0,
+        **options,
+    )
+
+
 def test_models_list_and_retrieve_need_a_key_and_say_when_they_were_created(server):
     listed = _client(server).models.list()
     assert [m.id for m in listed.data] == [server.settings.model]
@@ -146,17 +159,7 @@ def test_an_unforeseen_error_is_a_counted_500_and_the_connection_stays_usable():
 
 def test_penalties_bias_and_vllms_sampling_extensions_are_honoured(server):
     """ChatOpenAI(frequency_penalty=0.1) was a 400; now every one of these reaches the model."""
-    from langchain_openai import ChatOpenAI
-
-    chat = ChatOpenAI(
-        model=server.settings.model,
-        base_url=f"{server.url}/v1",
-        api_key=KEY,
-        max_tokens=4,
-        frequency_penalty=0.1,
-        presence_penalty=0.1,
-        max_retries=0,
-    )
+    chat = _chat_openai(server, max_tokens=4, frequency_penalty=0.1, presence_penalty=0.1)
     assert chat.invoke("hi").response_metadata["finish_reason"] in ("length", "stop")
     client = _client(server)
     plain = client.chat.completions.create(
@@ -201,8 +204,6 @@ def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
     """It was dropped (tool_calls None), or streamed with name null and the raw text as its
     arguments. Now: the call with its name and the beginning of its arguments, finish_reason
     length; LangChain's parser makes it an invalid tool call."""
-    from langchain_openai import ChatOpenAI
-
     client = _client(server)
     forced_add = {
         "model": server.settings.model,
@@ -225,13 +226,7 @@ def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
     deltas = [c.choices[0].delta.tool_calls for c in streamed if c.choices]
     named = [d[0].function.name for d in deltas if d]
     assert named == ["add"]
-    chat = ChatOpenAI(
-        model=server.settings.model,
-        base_url=f"{server.url}/v1",
-        api_key=KEY,
-        max_tokens=limit,
-        max_retries=0,
-    ).bind_tools([ADD], tool_choice="add")
+    chat = _chat_openai(server, max_tokens=limit).bind_tools([ADD], tool_choice="add")
     message = chat.invoke("add 2 and 3")
     assert message.tool_calls == [] and message.invalid_tool_calls[0]["name"] == "add"
 
@@ -239,16 +234,8 @@ def test_a_tool_call_cut_by_the_token_limit_is_sent_as_openai_sends_it(server):
 def test_chat_openai_users_read_the_decision_from_the_response_headers(server):
     """ChatOpenAI drops unknown body fields; with include_response_headers it keeps headers."""
     from langchain_core.messages import HumanMessage
-    from langchain_openai import ChatOpenAI
 
-    chat = ChatOpenAI(
-        model=server.settings.model,
-        base_url=f"{server.url}/v1",
-        api_key=KEY,
-        max_tokens=2,
-        max_retries=0,
-        include_response_headers=True,
-    )
+    chat = _chat_openai(server, max_tokens=2, include_response_headers=True)
     answer = chat.invoke([HumanMessage(content=IMAGE_MESSAGE["content"])])
     headers = answer.response_metadata["headers"]
     decision = json.loads(headers["x-guardrail-decision"])

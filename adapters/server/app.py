@@ -191,13 +191,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         if app_of(request) is None:
             return denied()
         if model_id != settings.model:
-            body = error_body(
-                f"the model {model_id!r} does not exist",
-                "invalid_request_error",
-                "model_not_found",
-                param="model",
-            )
-            return JSONResponse(body, 404)
+            return JSONResponse(model_not_found(f"the model {model_id!r} does not exist"), 404)
         return JSONResponse(model_entry)
 
     # The body is read by hand (counted while it arrives); the schema documents it all the same.
@@ -230,13 +224,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             field = str(errors[0]["loc"][0]) if errors and errors[0]["loc"] else None
             return respond(name, 400, error_body(summary, "invalid_request_error", param=field))
         if call.model != settings.model:
-            body = error_body(
-                f"this server runs {settings.model}",
-                "invalid_request_error",
-                "model_not_found",
-                param="model",
-            )
-            return respond(name, 404, body)
+            return respond(name, 404, model_not_found(f"this server runs {settings.model}"))
         tokens = call.requested_tokens or app.max_tokens
         if tokens > app.max_tokens:
             body = error_body(
@@ -336,6 +324,11 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
         return _DeadlineStream(events(), max(0.0, ends - time.monotonic()))
 
     return api
+
+
+def model_not_found(message: str) -> dict[str, Any]:
+    """The 404 body of a request for a model this server does not run."""
+    return error_body(message, "invalid_request_error", "model_not_found", param="model")
 
 
 async def _unless_client_leaves(

@@ -39,11 +39,11 @@ from guardrail.tools import takes_tools
 from shift_store import ShiftVector
 
 EXTENSION = "guardrail.backends.vllm.worker.GuardWorkerExtension"
-_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM reads it when an engine is made
 _EAGER = (
     "the guard's hooks run only in eager mode (captured CUDA graphs or compiled graphs would "
     "skip them, leaving requests uncorrected): keep enforce_eager=True"
-)  # vLLM reads it when an engine is made
+)
 # What the guard needs of vLLM's engine: eager mode (its hooks cannot live in captured graphs).
 ENGINE_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
 
