@@ -42,7 +42,7 @@ from guardrail.errors import (
 from guardrail.families import ModelFamily
 from guardrail.images import ImageInput
 from guardrail.limits import check_depth, check_images, check_prompt_tokens, parse_json
-from guardrail.outputs import GuardedOutput, output_of
+from guardrail.outputs import GuardedOutput, output_of, with_alternatives
 from guardrail.planning import Outcome, RowPlan, decision_record, plan_row, refusal_record
 from guardrail.plausibility import plausibility_check
 from guardrail.requests import (
@@ -305,10 +305,16 @@ class GuardedVLM:
         return PreparedCall(request, plan, backend_request, prepared_ms)
 
     def conclude(
-        self, call: PreparedCall, answer: Answer, batch_rows: int = 1, text: str | None = None
+        self,
+        call: PreparedCall,
+        answer: Answer,
+        batch_rows: int = 1,
+        text: str | None = None,
+        alternatives: Sequence[tuple[Answer, str | None]] = (),
     ) -> GuardedOutput:
-        """The output of a finished call (``text`` when a stop string cut it), with its one
-        decision record (logged)."""
+        """The output of a finished call (``text`` when a stop string cut it; ``alternatives``:
+        the answers of its other choices, each with its cut text), with its one decision record
+        (logged)."""
         outcome = Outcome(
             batch_rows,
             call.prepared_ms,
@@ -317,11 +323,32 @@ class GuardedVLM:
             tuple(answer.notes),
         )
         decision = decision_record(
-            call.plan, call.request, self.config, model_id=self.fingerprint.id, outcome=outcome
+            call.plan,
+            call.request,
+            self.config,
+            model_id=self.fingerprint.id,
+            outcome=outcome,
+            call_id=call.backend_request.id,
         )
         log_decision(decision)
         tools, fmt = call.request.tools, self.backend.tool_format
-        return output_of(answer, decision, self.tokenizer, tools, text, fmt)
+        logprobs = call.backend_request.sampling.logprobs is not None
+        outputs = [
+            output_of(a, decision, self.tokenizer, tools, t, fmt, logprobs)
+            for a, t in [(answer, text), *alternatives]
+        ]
+        return with_alternatives(outputs[0], outputs[1:]) if alternatives else outputs[0]
+
+    def planned(self, call: PreparedCall) -> GuardDecision:
+        """``call``'s decision as planned, before generation (not logged: :meth:`conclude`
+        logs the record, with what generation did)."""
+        return decision_record(
+            call.plan,
+            call.request,
+            self.config,
+            model_id=self.fingerprint.id,
+            call_id=call.backend_request.id,
+        )
 
     def generate(
         self,
@@ -495,6 +522,7 @@ _SAMPLING_ARGUMENTS = frozenset(
         "frequency_penalty",
         "repetition_penalty",
         "logit_bias",
+        "logprobs",
     }
 )
 

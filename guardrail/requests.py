@@ -37,6 +37,8 @@ class GuardRequest:
     the decision. ``tools`` (OpenAI function definitions) are offered to the model in the
     request row and in both reference rows; ``constraint`` restricts the answer's form (the
     reference rows are not constrained: they follow the request row's tokens).
+    ``template=False`` makes ``prompt`` the model's raw input text (a text completion): no
+    chat template, no images, no tools.
     """
 
     prompt: str | Sequence[Message]
@@ -49,15 +51,18 @@ class GuardRequest:
     trust_reason: str | None = None
     tools: Sequence[Tool] = ()
     constraint: OutputConstraint | None = None
+    template: bool = True
 
 
 @dataclass(frozen=True)
 class Rendering:
-    """Chat messages plus decoded images (and the tools offered), ready for the processor."""
+    """Chat messages plus decoded images (and the tools offered), ready for the processor.
+    Without ``template``, the one message's text is the model's input as it stands."""
 
     messages: list[Message]
     images: list[Image.Image] = field(default_factory=list)
     tools: tuple[Tool, ...] = ()
+    template: bool = True
 
     @property
     def multimodal(self) -> bool:
@@ -76,6 +81,10 @@ def render_request(
     images = [load_image(i, max_pixels, max_aspect_ratio=max_aspect_ratio) for i in request.images]
     tools = tuple(request.tools)
     check_tools(tools)
+    if not request.template:
+        if not isinstance(request.prompt, str) or images or tools:
+            raise InvalidInputError("a raw prompt (no chat template) is text alone")
+        return Rendering([{"role": "user", "content": request.prompt}], template=False)
     if isinstance(request.prompt, str):
         parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.prompt}]
         return Rendering([{"role": "user", "content": parts}], images, tools)
@@ -144,7 +153,7 @@ def text_only(rendering: Rendering) -> Rendering:
         if not isinstance(content, str):
             content = [p for p in content if not _is_image_part(p)]
         messages.append({**message, "content": content})
-    return Rendering(messages, tools=rendering.tools)
+    return Rendering(messages, tools=rendering.tools, template=rendering.template)
 
 
 def corrupted(

@@ -478,3 +478,21 @@ def test_min_p_of_one_keeps_only_the_top_token(tiny_vlm, image):
         "Describe it.", [image], max_new_tokens=8, do_sample=True, temperature=1.0, min_p=1.0
     )
     assert sampled.token_ids == greedy.token_ids
+
+
+def test_logprobs_come_from_the_corrected_request_row(tiny_vlm, image):
+    """Each answer token's log-probability is read off the request row after the correction
+    (the guarded distribution), with the most likely alternatives in order."""
+    guarded = GuardRequest("Describe it.", [image], mode="sample", alpha=2.0)
+    unguarded = GuardRequest("Describe it.", [image], mode="off")
+    logits, _ = tiny_vlm.next_token_logits([guarded, unguarded])
+    expected, plain = logits.log_softmax(-1)
+    output = tiny_vlm.generate_batch([guarded], max_new_tokens=3, logprobs=3)[0]
+    assert output.logprobs is not None and len(output.logprobs) == len(output.token_ids)
+    first = output.logprobs[0]
+    assert first.token_id == output.token_ids[0] == int(expected.argmax())  # greedy
+    assert first.logprob == pytest.approx(float(expected.max()), abs=1e-4)
+    assert first.token == tiny_vlm.tokenizer.decode([first.token_id])
+    assert [t.token_id for t in first.top] == expected.topk(3).indices.tolist()
+    assert first.logprob != pytest.approx(float(plain[first.token_id]), abs=1e-3)
+    assert tiny_vlm.generate_batch([guarded], max_new_tokens=3)[0].logprobs is None

@@ -129,3 +129,41 @@ def test_text_stream_holds_back_what_may_become_a_stop_string_or_tool_call():
 def test_sampling_no_runtime_can_honour_is_a_typed_error(values, problem):
     with pytest.raises(InvalidInputError, match=problem):
         Sampling(**values)
+
+
+def test_n_choices_share_one_prefill_and_each_matches_its_seeded_solo_run(service, image):
+    """n=3 on a sample-level call: one prefill of its three rows (request, corrupted and
+    text-only references), not nine; choice i samples as a call with seed + i would, and the
+    call has one decision record."""
+    rows: list[int] = []
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        rows.append(-1 if ids is None else ids.shape[0])
+
+    def sampled(n, seed):
+        sampling = Sampling(max_new_tokens=5, min_new_tokens=5, temperature=1.0, seed=seed)
+        request = GuardRequest("Describe it.", [image])
+        return Call("gentle", request, sampling, trust="untrusted", n=n)
+
+    hook = service.model.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        output = service.submit(sampled(3, 11)).result(timeout=120)
+    finally:
+        hook.remove()
+    assert rows[0] == 3 and set(rows[1:]) == {9}  # shared prefill, then a row set per choice
+    assert len(output.choices) == 3 and output.decision.mode_used == "sample"
+    assert output.usage.completion_tokens == 15
+    solo = [service.submit(sampled(1, 11 + i)).result(timeout=60) for i in range(3)]
+    assert [c.token_ids for c in output.choices] == [s.token_ids for s in solo]
+    assert len({tuple(c.token_ids) for c in output.choices}) > 1  # the seeds differ
+    assert {c.decision.call_id for c in output.choices} == {output.decision.call_id}
+
+
+def test_n_choices_stream_each_choices_text(service):
+    handle = service.submit(_call("gentle", tokens=6, n=2))
+    texts = ["", ""]
+    for delta in handle.deltas():
+        texts[delta.choice] += delta.text
+    output = handle.result()
+    assert texts == [c.text for c in output.choices] and texts[0] == texts[1]  # greedy

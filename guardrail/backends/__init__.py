@@ -13,6 +13,7 @@ from guardrail.backends.base import (
     Processor,
     Sampling,
     StepEvent,
+    TokenLogprob,
 )
 from guardrail.backends.sessions import Answer, run_to_completion
 from guardrail.backends.transformers import TransformersBackend
@@ -30,6 +31,7 @@ __all__ = [
     "Processor",
     "Sampling",
     "StepEvent",
+    "TokenLogprob",
     "TransformersBackend",
     "run_to_completion",
 ]

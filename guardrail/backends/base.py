@@ -33,6 +33,17 @@ Inputs = dict[str, torch.Tensor]
 # What loads with a model: a multimodal processor, or a bare tokenizer.
 Processor = ProcessorMixin | PreTrainedTokenizerBase
 Finish = Literal["stop", "length", "grammar", "aborted"]
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI allows
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token's log-probability, and the ``top`` most likely (token, log-probability)
+    pairs at its position, most likely first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class Sampling:
     once per earlier occurrence of a token in the answer, ``presence_penalty`` once for any;
     then temperature, ``min_p`` (tokens under ``min_p`` times the top probability dropped),
     ``top_k`` and ``top_p``. Greedy decoding takes the bias and the penalties too.
+
+    ``logprobs`` (None: none) asks for each answer token's log-probability and that many most
+    likely alternatives (0 to 20), read from the request row's logits after the correction and
+    before any of the above (vLLM's default, ``raw_logprobs``).
     """
 
     max_new_tokens: int = 128
@@ -59,6 +74,7 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         """Refuse values no runtime can honour (a typed error, whichever front end sent them)."""
@@ -84,6 +100,8 @@ class Sampling:
             problems.append(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if any(token < 0 or not -100 <= bias <= 100 for token, bias in self.logit_bias):
             problems.append("logit_bias takes token ids >= 0 and biases in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            problems.append(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if problems:
             raise InvalidInputError("; ".join(problems))
 
@@ -128,13 +146,18 @@ class Correction:
 
 @dataclass(frozen=True)
 class BackendRequest:
-    """One request as the backend sees it; ``correction`` None runs it untouched."""
+    """One request as the backend sees it; ``correction`` None runs it untouched.
+
+    Requests of one ``prefill_group`` (the choices of one call with ``n > 1``) have the same
+    rendering, correction and constraint: a runtime may prefill them, and their reference
+    rows, once and decode each on its own (vLLM shares them through its prefix cache)."""
 
     id: str
     rendering: Rendering
     sampling: Sampling
     correction: Correction | None = None
     constraint: OutputConstraint | None = None
+    prefill_group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,7 @@ class StepEvent:
     prompt_tokens: int | None = None  # on the first event: the request's prompt length
     error: BaseException | None = None
     notes: tuple[str, ...] = ()  # on the last event: what the runtime did to it (recomputed)
+    logprob: TokenLogprob | None = None  # with ``token``, when its sampling asks for logprobs
 
 
 class BatchSession(Protocol):

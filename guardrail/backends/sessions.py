@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from guardrail.backends.base import BackendRequest, BatchSession, Finish, StepEvent
+from guardrail.backends.base import BackendRequest, BatchSession, Finish, StepEvent, TokenLogprob
 
 
 @dataclass
@@ -21,11 +21,14 @@ class Answer:
     prompt_tokens: int = 0
     error: BaseException | None = None
     notes: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def take(self, event: StepEvent) -> None:
         """Add what one step did for this request."""
         if event.token is not None:
             self.tokens.append(event.token)
+        if event.logprob is not None:
+            self.logprobs.append(event.logprob)
         self.batch = self.batch or event.batch
         if event.live_shift_norm is not None:
             self.live_shift_norm = event.live_shift_norm

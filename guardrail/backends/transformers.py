@@ -191,7 +191,10 @@ def render_prompt(
     processor: Processor, rendering: Rendering, takes_tools: bool, fmt: ToolCallFormat
 ) -> str:
     """The chat template's text for ``rendering`` (tools through the template when it takes
-    them, else in the documented prompt format of :mod:`guardrail.tools`)."""
+    them, else in the documented prompt format of :mod:`guardrail.tools`); a rendering
+    without template is its text as it stands."""
+    if not rendering.template:
+        return str(rendering.messages[0]["content"])
     messages, tools = rendering.messages, rendering.tools
     if not takes_tools:
         messages, tools = prompt_messages(messages, tools, fmt), ()

@@ -32,6 +32,7 @@ from guardrail.backends.base import (
     Finish,
     MeasuringBackend,
     StepEvent,
+    TokenLogprob,
 )
 from guardrail.backends.grammar import GrammarCompiler, RequestGrammar
 from guardrail.backends.hooks import (
@@ -112,6 +113,16 @@ def stacked_shifts(vectors: torch.Tensor, layers: Sequence[int], incremental: bo
     return picked
 
 
+def token_logprob(logprobs: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """``token``'s entry of one position's log-probabilities (``[vocab]``), with the ``top``
+    most likely alternatives."""
+    pairs: tuple[tuple[int, float], ...] = ()
+    if top:
+        best = logprobs.topk(top)
+        pairs = tuple(zip(best.indices.tolist(), best.values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), pairs)
+
+
 def prefill_mask(positions: str, inputs: dict[str, Any], image_token_id: int) -> torch.Tensor:
     """``[batch, seq]`` bool: the prompt positions the correction edits."""
     ids = inputs["input_ids"]
@@ -141,6 +152,7 @@ class TransformersBatch:
         self._mergeable = False
         self._stops = backend.stop_token_ids()
         self._decode_tensors: tuple[tuple[str, ...], _PassTensors] | None = None
+        self._shares_prefill: bool | None = None  # decided by the first shared prefill
 
     # ----------------------------------------------------------------- protocol
 
@@ -214,10 +226,10 @@ class TransformersBatch:
         if not self._running:
             self._batch_id = uuid.uuid4().hex[:12]
         try:
-            state, logits, norms, length, counts = self._run_prefill(group)
+            state, logits, norms, length, counts = self._shared_prefill(group)
         except Exception as e:  # these requests fail; the running batch goes on
             return [StepEvent(e_.id, None, self._batch_id, "aborted", error=e) for e_ in group]
-        events = self._pick(group, logits[: len(group)], norms, counts)
+        events = self._pick(group, logits, norms, counts)
         next_ids = self._fed(group, [ev.token for ev in events])
         if self._running:
             self._merge(group, state, next_ids, length)
@@ -226,6 +238,29 @@ class TransformersBatch:
             self._mergeable = self._can_merge()
         self._drop_finished()
         return events
+
+    def _shared_prefill(
+        self, group: list[_Running]
+    ) -> tuple[dict[str, Any], torch.Tensor, dict[str, float], int, list[int]]:
+        """The prefill of ``group``, once per prefill group: the first request of each is run
+        (with its reference rows) and its rows copied for the others, whose first-token logits
+        are its own. Where the model's cache cannot be copied row by row, every request runs."""
+        first: dict[str, str] = {}  # prefill group -> its first request
+        leader_of = {e.id: first.setdefault(e.request.prefill_group or e.id, e.id) for e in group}
+        leaders = [e for e in group if leader_of[e.id] == e.id]
+        if len(leaders) < len(group) and self._shares_prefill is not False:
+            state, logits, norms, length, counts = self._run_prefill(leaders)
+            self._shares_prefill = self._can_merge(state)
+            if self._shares_prefill:
+                index = {e.id: i for i, e in enumerate(leaders)}
+                rows = [index[leader_of[e.id]] for e in group]
+                for entry, row in zip(group, rows, strict=True):
+                    entry.prompt_ids = leaders[row].prompt_ids
+                state, _ = self._gathered([(leaders, state, None)], group, length, leader_of)
+                shared = {e.id: norms[leader_of[e.id]] for e in group if leader_of[e.id] in norms}
+                return state, logits[rows], shared, length, [counts[i] for i in rows]
+        state, logits, norms, length, counts = self._run_prefill(group)
+        return state, logits[: len(group)], norms, length, counts
 
     def _decode(self) -> list[StepEvent]:
         model, entries = self._model, self._running
@@ -300,6 +335,8 @@ class TransformersBatch:
         stops = self._stops
         events = []
         for i, (entry, scores) in enumerate(zip(entries, logits, strict=True)):
+            wanted = entry.request.sampling.logprobs
+            raw = None if wanted is None else scores.log_softmax(-1)
             if entry.produced < entry.request.sampling.min_new_tokens:
                 scores[sorted(stops)] = -float("inf")
             token = self._choose(entry, scores)
@@ -316,8 +353,19 @@ class TransformersBatch:
             entry.done = finish is not None
             emitted = None if token in stops else token
             count = None if prompt_tokens is None else prompt_tokens[i]
+            logprob = None
+            if raw is not None and emitted is not None:
+                logprob = token_logprob(raw, emitted, wanted or 0)
             events.append(
-                StepEvent(entry.id, emitted, self._batch_id, finish, norms.get(entry.id), count)
+                StepEvent(
+                    entry.id,
+                    emitted,
+                    self._batch_id,
+                    finish,
+                    norms.get(entry.id),
+                    count,
+                    logprob=logprob,
+                )
             )
         return events
 
@@ -459,19 +507,19 @@ class TransformersBatch:
             k: v for k, v in state.items() if k not in MULTIMODAL_INPUTS_TO_DROP_OUTSIDE_PREFILL
         }
 
-    def _can_merge(self) -> bool:
-        """Whether requests can join and leave this model's running batch (see the module
-        docstring); decided from the state the first prefill left."""
-        backend = self._backend
+    def _can_merge(self, state: dict[str, Any] | None = None) -> bool:
+        """Whether rows of this model's batch can be joined, dropped and copied (see the module
+        docstring); decided from the state a prefill left (default: the running batch's)."""
+        backend, state = self._backend, self._state if state is None else state
         if backend.image_layers:
             return False
-        for name, value in self._state.items():
+        for name, value in state.items():
             if isinstance(value, torch.Tensor) and name not in _ROW_INPUTS:
                 return False
-        positions = self._state.get("position_ids")
+        positions = state.get("position_ids")
         if positions is not None and positions.dim() != 2:
             return False
-        cache = self._state.get("cache")
+        cache = state.get("cache")
         layers = getattr(cache, "layers", None)
         return layers is not None and all(type(x).__name__ == "DynamicLayer" for x in layers)
 
@@ -496,7 +544,20 @@ class TransformersBatch:
     ) -> None:
         """Rebuild the running batch as ``target`` from the rows of ``parts`` (each a batch's
         entries, decode inputs and next ids), left-padded to ``length`` cached positions."""
+        state, next_ids = self._gathered(parts, target, length)
+        self._running, self._state, self._next, self._length = target, state, next_ids, length
+
+    def _gathered(
+        self,
+        parts: Sequence[tuple[Sequence[_Running], dict[str, Any], torch.Tensor | None]],
+        target: Sequence[_Running],
+        length: int,
+        origin: dict[str, str] | None = None,
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """The decode inputs and next ids of ``target`` from the rows of ``parts``; each
+        target request's rows are those of ``origin[id]`` (default: its own)."""
         after = self._trim_after(target)
+        source = origin or {}
 
         def gather(
             tensors: Sequence[torch.Tensor], seq_dim: int | None, mains_only: bool = False
@@ -512,7 +573,9 @@ class TransformersBatch:
                 pieces.append(tensor)
                 rows += row_layout(entries, mains_only=tensor.shape[0] == len(entries))
             where = {row: i for i, row in enumerate(rows)}
-            wanted = [where[row] for row in row_layout(target, mains_only)]
+            wanted = [
+                where[source.get(rid, rid), role] for rid, role in row_layout(target, mains_only)
+            ]
             index = torch.tensor(wanted, device=pieces[0].device)
             return torch.cat(pieces).index_select(0, index)
 
@@ -528,9 +591,8 @@ class TransformersBatch:
                 held = [getattr(p[1]["cache"].layers[index], attribute) for p in parts]
                 setattr(layer, attribute, gather(held, 2, mains_only))
         state["cache"] = cache
-        nexts = [p[2] for p in parts]
-        self._next = gather([n for n in nexts if n is not None], None)
-        self._running, self._state, self._length = target, state, length
+        nexts = [p[2] for p in parts if p[2] is not None]
+        return state, gather(nexts, None) if nexts else None
 
     def _row_input(self, state: dict[str, Any], name: str) -> torch.Tensor:
         value = state.get(name)

@@ -48,9 +48,10 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.steps = 0
 
-    def submit(self, job: Job) -> None:
+    def submit(self, *jobs: Job) -> None:
+        """Queue ``jobs`` together (the choices of one call are admitted in one step)."""
         with self._wake:
-            self._waiting.append(job)
+            self._waiting.extend(jobs)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="guard-scheduler")
                 self._thread.daemon = True

@@ -9,6 +9,7 @@ exactly one decision record per call. Front ends translate their framework's cal
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import uuid
@@ -39,8 +40,10 @@ Trust = Literal["trusted", "untrusted"]
 @dataclass(frozen=True)
 class Call:
     """One call to the service: the app, the request (messages, images, tools, constraint),
-    where each image came from, a caller's trust override, sampling, stop strings and a
-    deadline in seconds (the answer ends there as if at ``max_new_tokens``)."""
+    where each image came from, a caller's trust override, sampling, stop strings, a deadline
+    in seconds (the answer ends there as if at ``max_new_tokens``) and the number of choices
+    ``n`` (they share the prompt's prefill and the guard's reference rows; with a ``seed``,
+    choice ``i`` samples with ``seed + i``)."""
 
     app: str
     request: GuardRequest
@@ -49,6 +52,19 @@ class Call:
     trust: Trust | None = None
     stop: tuple[str, ...] = ()
     deadline_s: float | None = None
+    n: int = 1
+
+
+MAX_CHOICES = 16
+
+
+@dataclass
+class _Choice:
+    """One choice of a call in flight: its text stream, then its answer."""
+
+    stream: TextStream
+    answer: Answer | None = None
+    rows: int = 1
 
 
 @dataclass
@@ -182,6 +198,8 @@ class GuardService:
             app = self._app(call.app)
             if call.sampling.max_new_tokens > app.spec.max_tokens:
                 raise InvalidInputError(f"max_tokens is at most {app.spec.max_tokens}")
+            if not 1 <= call.n <= MAX_CHOICES:
+                raise InvalidInputError(f"n must be in [1, {MAX_CHOICES}], got {call.n}")
             with self._lock:
                 if app.active >= app.spec.max_concurrent:
                     raise OverloadedError(
@@ -202,21 +220,36 @@ class GuardService:
         call_id = uuid.uuid4().hex
         prepared = app.vlm.prepare(request, call.sampling, request_id=call_id, started=started)
         markers = [app.vlm.backend.tool_format.marker] if request.tools else []
-        stream = TextStream(app.vlm.tokenizer, call.stop, markers)
-        handle = CallHandle(call_id, self.scheduler.cancel)
+        choices = [
+            _Choice(TextStream(app.vlm.tokenizer, call.stop, markers)) for _ in range(call.n)
+        ]
+        ids = [call_id] if call.n == 1 else [f"{call_id}-{i}" for i in range(call.n)]
 
-        def on_token(token: int) -> bool:
-            handle.push(stream.feed(token))
+        def cancel(_: str) -> None:
+            for request_id in ids:
+                self.scheduler.cancel(request_id)
+
+        handle = CallHandle(call_id, cancel, app.vlm.planned(prepared))
+
+        def on_token(index: int, token: int) -> bool:
+            stream = choices[index].stream
+            handle.push(stream.feed(token), index)
             return not stream.stopped
 
-        def on_end(answer: Answer, batch_rows: int) -> None:
+        def on_end(index: int, answer: Answer, batch_rows: int) -> None:
+            choice = choices[index]
+            choice.answer, choice.rows = answer, batch_rows
+            handle.push(choice.stream.finish(), index)
+            if any(c.answer is None for c in choices):
+                return  # the call ends with its last choice
             with self._lock:
                 app.active -= 1
-            text = stream.text if stream.stopped else None
-            output = app.vlm.conclude(prepared, answer, batch_rows, text)
-            handle.push(stream.finish())
-            error = answer.error
-            if error is None and answer.finished == "aborted":
+            done = [(c.answer, c.stream.text if c.stream.stopped else None) for c in choices]
+            first, rows = done[0][0], max(c.rows for c in choices)
+            assert first is not None
+            output = app.vlm.conclude(prepared, first, rows, done[0][1], done[1:])  # type: ignore[arg-type]
+            error = next((c.answer.error for c in choices if c.answer and c.answer.error), None)
+            if error is None and any(c.answer and c.answer.finished == "aborted" for c in choices):
                 error = CallCancelledError(f"call {call_id} was cancelled")
             if isinstance(error, GuardrailError):
                 error.decision = output.decision
@@ -226,7 +259,23 @@ class GuardService:
             handle.complete(output, error)
 
         deadline = None if call.deadline_s is None else time.monotonic() + call.deadline_s
-        self.scheduler.submit(Job(prepared.backend_request, on_token, on_end, deadline))
+        seed = call.sampling.seed
+        jobs = []
+        for index, request_id in enumerate(ids):
+            backend_request = prepared.backend_request
+            if call.n > 1:
+                sampling = replace(
+                    call.sampling, seed=None if seed is None else (seed + index) % 2**63
+                )
+                backend_request = replace(
+                    backend_request, id=request_id, sampling=sampling, prefill_group=call_id
+                )
+            on_token_of, on_end_of = (
+                functools.partial(on_token, index),
+                functools.partial(on_end, index),
+            )
+            jobs.append(Job(backend_request, on_token_of, on_end_of, deadline))
+        self.scheduler.submit(*jobs)
         return handle
 
     def _classified(self, app: _App, call: Call, started: float) -> GuardRequest:

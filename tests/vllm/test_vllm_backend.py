@@ -9,6 +9,7 @@ bare engine and one transformers backend serve the whole module.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -287,3 +288,36 @@ def test_penalties_and_bias_reach_vllm_and_keep_the_lockstep(backend, bare):
     )
     assert answers["s"].error is None and not answers["s"].notes
     assert answers["s"].tokens == bare_answer(text_only(rendering))
+
+
+def test_logprobs_and_choices_on_vllm_answer_as_on_transformers(backend, reference, shift):
+    """Log-probabilities are read after the correction on both runtimes; the choices of one
+    prefill group answer as the same requests alone (vLLM shares their prefill through its
+    prefix cache, the transformers backend by copying rows)."""
+    sampling = Sampling(max_new_tokens=TOKENS, logprobs=2)
+    request = BackendRequest("d", _rendering(3), sampling, Correction(LAYER, 1.0, shift=shift))
+    on_vllm = run_to_completion(backend.open_batch(), [request])["d"]
+    on_transformers = run_to_completion(reference.open_batch(), [request])["d"]
+    assert on_vllm.tokens == on_transformers.tokens
+    assert len(on_vllm.logprobs) == len(on_vllm.tokens)
+    for v, t in zip(on_vllm.logprobs, on_transformers.logprobs, strict=True):
+        assert v.token == t.token and v.logprob == pytest.approx(t.logprob, abs=0.05)
+        assert [token for token, _ in v.top] == [token for token, _ in t.top]
+    image = _rendering(4)
+    blank = corrupted(image, CorruptionSpec(), backend.default_image_size())
+    correction = Correction(LAYER, 1.0, references=(blank, text_only(image)))
+    choices = [
+        BackendRequest(
+            f"c{i}",
+            image,
+            Sampling(max_new_tokens=TOKENS, temperature=1.0, seed=5 + i),
+            correction,
+            prefill_group="call",
+        )
+        for i in range(2)
+    ]
+    for runtime in (backend, reference):
+        together = _answers(runtime, choices)
+        for choice in choices:
+            alone = replace(choice, prefill_group=None)
+            assert together[choice.id] == _answers(runtime, [alone])[choice.id], choice.id

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import torch
 
-from guardrail.backends.base import BackendRequest, Finish, StepEvent
+from guardrail.backends.base import BackendRequest, Finish, StepEvent, TokenLogprob
 from guardrail.backends.vllm.worker import GuardSpec, Role
 from guardrail.constraints import OutputConstraint
 from guardrail.errors import GuardUnavailableError
@@ -68,6 +68,7 @@ class _Live:
     tokens: dict[Role, list[int]] = field(default_factory=dict)
     finish: dict[Role, str] = field(default_factory=dict)
     sent: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # of the request row's tokens
     notes: list[str] = field(default_factory=list)
     first: bool = True
     live_norm: float | None = None
@@ -173,7 +174,7 @@ class VLLMBatch:
 
         backend, request = self._backend, live.request
         live.tries += 1
-        live.tokens, live.finish = {}, {}
+        live.tokens, live.finish, live.logprobs = {}, {}, []
         s, c = request.sampling, request.correction
         structured = None
         if request.constraint is not None:
@@ -211,6 +212,7 @@ class VLLMBatch:
                 repetition_penalty=s.repetition_penalty,
                 logit_bias=dict(s.logit_bias) or None,
                 seed=live.seed,
+                logprobs=s.logprobs if role == "main" else None,
                 stop_token_ids=sorted(backend.stop_token_ids()),
                 structured_outputs=structured if role == "main" else None,
                 output_kind=RequestOutputKind.DELTA,
@@ -268,6 +270,11 @@ class VLLMBatch:
         if role == "main" and output.prompt_token_ids:
             live.prompt_len = len(output.prompt_token_ids)  # image tokens expanded
         live.tokens[role] += list(completion.token_ids)
+        if role == "main" and completion.logprobs:
+            live.logprobs += [
+                _logprob(token, ranked, live.request.sampling.logprobs or 0)
+                for token, ranked in zip(completion.token_ids, completion.logprobs, strict=True)
+            ]
         if completion.finish_reason is not None:
             live.finish[role] = str(completion.finish_reason)
         return live
@@ -293,10 +300,12 @@ class VLLMBatch:
         new = tokens[len(live.sent) :]
         events = []
         for token in new:
+            at = len(live.sent)
             live.sent.append(token)
             if token in stops:
                 continue
-            events.append(self._event(live, token))
+            logprob = live.logprobs[at] if at < len(live.logprobs) else None
+            events.append(self._event(live, token, logprob=logprob))
         if finish is not None:
             reason: Finish = "length" if finish == "length" else "stop"
             if finish == "abort":
@@ -306,7 +315,12 @@ class VLLMBatch:
         return events
 
     def _event(
-        self, live: _Live, token: int | None, finish: Finish | None = None, error: Any = None
+        self,
+        live: _Live,
+        token: int | None,
+        finish: Finish | None = None,
+        error: Any = None,
+        logprob: TokenLogprob | None = None,
     ) -> StepEvent:
         first, live.first = live.first, False
         return StepEvent(
@@ -318,6 +332,7 @@ class VLLMBatch:
             live.prompt_len if first else None,
             error,
             tuple(live.notes) if finish is not None else (),
+            logprob,
         )
 
     def _recompute(self, live: _Live, reason: str) -> list[StepEvent]:
@@ -342,6 +357,12 @@ class VLLMBatch:
         self._finished += 1
         self._live.pop(live.request.id, None)
         self._cancel(live)
+
+
+def _logprob(token: int, ranked: dict[int, Any], top: int) -> TokenLogprob:
+    """One token's log-probability from vLLM's ``{token id: Logprob}`` of its position."""
+    best = sorted((e.rank, t, e.logprob) for t, e in ranked.items() if e.rank <= top)
+    return TokenLogprob(token, float(ranked[token].logprob), tuple((t, p) for _, t, p in best))
 
 
 def _salt(spec: GuardSpec, prompt: dict[str, Any]) -> str:
