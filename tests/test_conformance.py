@@ -103,9 +103,9 @@ def test_errors_name_the_parameter_at_fault(server):
     assert caught.value.body["param"] == "max_tokens"
     with pytest.raises(openai.BadRequestError) as caught:
         _client(server).chat.completions.create(
-            model=server.settings.model, messages=[IMAGE_MESSAGE], logprobs=True
+            model=server.settings.model, messages=[IMAGE_MESSAGE], n=17
         )
-    assert caught.value.body["param"] == "logprobs"
+    assert caught.value.body["param"] == "n"
 
 
 def test_text_response_format_and_logprobs_off_are_accepted(server):
@@ -241,3 +241,240 @@ def test_chat_openai_users_read_the_decision_from_the_response_headers(server):
     decision = json.loads(headers["x-guardrail-decision"])
     assert decision["guarded"] and decision["multimodal"]
     assert decision["call_id"] == headers["x-guardrail-call-id"]
+
+
+def test_chat_logprobs_are_the_answers_own_tokens_most_likely_first(server):
+    answer = _client(server).chat.completions.create(
+        model=server.settings.model,
+        messages=[IMAGE_MESSAGE],
+        max_tokens=4,
+        logprobs=True,
+        top_logprobs=3,
+    )
+    choice = answer.choices[0]
+    entries = choice.logprobs.content
+    assert len(entries) == answer.usage.completion_tokens == 4
+    assert "".join(e.token for e in entries) == choice.message.content
+    for entry in entries:
+        best = [t.logprob for t in entry.top_logprobs]
+        assert len(best) == 3 and best == sorted(best, reverse=True)
+        assert entry.logprob == best[0] and entry.token == entry.top_logprobs[0].token  # greedy
+        assert bytes(entry.bytes).decode() == entry.token
+    plain = _client(server).chat.completions.create(
+        model=server.settings.model, messages=[IMAGE_MESSAGE], max_tokens=4
+    )
+    assert plain.choices[0].logprobs is None
+
+
+def test_n_choices_match_their_seeded_single_answers_whole_and_streamed(server):
+    client, model = _client(server), server.settings.model
+    asked = {"model": model, "messages": [IMAGE_MESSAGE], "max_tokens": 5, "temperature": 1.0}
+    answer = client.chat.completions.create(**asked, n=3, seed=7)
+    texts = [c.message.content for c in answer.choices]
+    assert [c.index for c in answer.choices] == [0, 1, 2]
+    singles = [client.chat.completions.create(**asked, seed=7 + i) for i in range(3)]
+    assert texts == [s.choices[0].message.content for s in singles]
+    assert len(set(texts)) > 1
+    assert answer.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert answer.usage.prompt_tokens == singles[0].usage.prompt_tokens  # counted once
+    streamed = ["", "", ""]
+    safety = []
+    for chunk in client.chat.completions.create(**asked, n=3, seed=7, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+        safety += [chunk.model_extra["safety"]] if "safety" in chunk.model_extra else []
+    assert streamed == texts
+    assert len(safety) == 1 and safety[0]["guarded"]
+
+
+def test_text_completions_take_raw_prompts_unguarded_as_text_only(server):
+    """/v1/completions was a 404. The prompt is the model's input as it stands (no chat
+    template); text-only, so the guard passes it through and says so."""
+    from transformers import AutoTokenizer
+
+    client, model = _client(server), server.settings.model
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    prompt = "The picture shows"
+    answer = client.completions.create(model=model, prompt=prompt, max_tokens=4, logprobs=2)
+    choice = answer.choices[0]
+    assert answer.object == "text_completion" and choice.finish_reason == "length"
+    assert answer.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    assert "".join(choice.logprobs.tokens) == choice.text
+    pairs = zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs, strict=True)
+    for top, chosen in pairs:  # greedy: the chosen token is the most likely one
+        assert 1 <= len(top) <= 2 and max(top.values()) == chosen  # (tokens of one text merge)
+    safety = answer.model_extra["safety"]
+    assert not safety["multimodal"] and safety["mode_used"] == "text-only"
+    batch = client.completions.create(model=model, prompt=["Hello", prompt], max_tokens=4, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[2].text == batch.choices[3].text == choice.text  # greedy
+    streamed = client.completions.create(model=model, prompt=prompt, max_tokens=4, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == choice.text
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.completions.create(model=model, prompt=prompt, echo=True)
+    assert caught.value.body["param"] == "echo"
+
+
+def test_langchains_completion_model_runs_on_the_server(server):
+    from langchain_openai import OpenAI
+
+    llm = OpenAI(
+        model=server.settings.model,
+        base_url=f"{server.url}/v1",
+        api_key=KEY,
+        max_tokens=4,
+        temperature=0,
+        max_retries=0,
+    )
+    direct = _client(server).completions.create(
+        model=server.settings.model, prompt="The picture shows", max_tokens=4
+    )
+    assert llm.invoke("The picture shows") == direct.choices[0].text
+    assert llm.batch(["The picture shows", "Hello"])[0] == direct.choices[0].text
+
+
+RESPONSES_IMAGE = {
+    "role": "user",
+    "content": [
+        {"type": "input_text", "text": "What is in this picture?"},
+        {"type": "input_image", "image_url": IMAGE_MESSAGE["content"][1]["image_url"]["url"]},
+    ],
+}
+
+
+def test_responses_api_answers_text_and_images_like_chat_completions(server):
+    """/v1/responses was a 404. Stateless: the items run as the same chat completion."""
+    client, model = _client(server), server.settings.model
+    response = client.responses.create(
+        model=model, input=[RESPONSES_IMAGE], instructions="Be brief.", max_output_tokens=5
+    )
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "system", "content": "Be brief."}, IMAGE_MESSAGE],
+        max_tokens=5,
+    )
+    assert response.output_text == chat.choices[0].message.content
+    assert response.status == "incomplete"  # cut at max_output_tokens, as OpenAI says
+    assert response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.output_tokens == 5
+    assert response.model_extra["safety"]["guarded"]
+    events = list(
+        client.responses.create(
+            model=model, input=[RESPONSES_IMAGE], max_output_tokens=5, stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    assert kinds[-1] == "response.incomplete"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    final = events[-1].response
+    assert deltas == final.output_text and final.model_extra["safety"]["guarded"]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model, input="hi", previous_response_id="resp_1")
+    assert caught.value.body["param"] == "previous_response_id"
+
+
+PICK = {
+    "type": "function",
+    "name": "pick",
+    "description": "Pick the picture's colour.",
+    "parameters": {
+        "type": "object",
+        "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+        "required": ["colour"],
+    },
+}
+
+
+def test_responses_api_calls_tools_and_follows_a_schema(server):
+    client, model = _client(server), server.settings.model
+    response = client.responses.create(
+        model=model, input="which colour?", tools=[PICK], tool_choice="required"
+    )
+    (call,) = [item for item in response.output if item.type == "function_call"]
+    assert call.name == "pick" and json.loads(call.arguments)["colour"] in ("red", "blue")
+    assert response.status == "completed"
+    follow_up = [
+        {"role": "user", "content": "which colour?"},
+        {
+            "type": "function_call",
+            "call_id": call.call_id,
+            "name": "pick",
+            "arguments": call.arguments,
+        },
+        {"type": "function_call_output", "call_id": call.call_id, "output": "noted"},
+    ]
+    chat = client.chat.completions.create(
+        model=model,
+        messages=[
+            {"role": "user", "content": "which colour?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": call.call_id,
+                        "type": "function",
+                        "function": {"name": "pick", "arguments": call.arguments},
+                    }
+                ],
+            },
+            {"role": "tool", "tool_call_id": call.call_id, "content": "noted"},
+        ],
+        max_tokens=3,
+    )
+    answer = client.responses.create(model=model, input=follow_up, max_output_tokens=3)
+    assert answer.output_text == chat.choices[0].message.content  # the same conversation
+    schema = PICK["parameters"] | {"additionalProperties": False}
+    shaped = client.responses.create(
+        model=model,
+        input=[RESPONSES_IMAGE],
+        text={"format": {"type": "json_schema", "name": "Colour", "schema": schema}},
+    )
+    assert json.loads(shaped.output_text)["colour"] in ("red", "blue")
+
+
+def test_chat_openai_on_the_responses_api(server):
+    """ChatOpenAI(use_responses_api=True) was a 404: invoke, stream, tools, structured output."""
+    from typing import Literal
+
+    from langchain_core.messages import HumanMessage
+    from pydantic import BaseModel
+
+    chat = _chat_openai(server, max_tokens=5, use_responses_api=True)
+    question = [HumanMessage(content=IMAGE_MESSAGE["content"])]
+    answer = chat.invoke(question)
+    assert answer.text and answer.response_metadata["status"] == "incomplete"
+    streamed = "".join(chunk.text for chunk in chat.stream(question))
+    assert streamed == answer.text
+    picking = _chat_openai(server, use_responses_api=True).bind_tools([PICK], tool_choice="pick")
+    (call,) = picking.invoke("which colour?").tool_calls
+    assert call["name"] == "pick" and call["args"]["colour"] in ("red", "blue")
+
+    class Colour(BaseModel):
+        colour: Literal["red", "blue"]
+
+    shaped = _chat_openai(server, use_responses_api=True).with_structured_output(Colour)
+    assert isinstance(shaped.invoke(question), Colour)
+    assert isinstance(list(shaped.stream(question))[-1], Colour)
+
+
+def test_a_streams_headers_carry_the_decision_as_planned(server):
+    """A stream's record comes in its last chunk, which ChatOpenAI drops; its headers carry
+    the decision as planned before generation, with the same call id."""
+    from langchain_core.messages import HumanMessage
+
+    raw = _client(server).chat.completions.with_raw_response.create(
+        model=server.settings.model, messages=[IMAGE_MESSAGE], max_tokens=3, stream=True
+    )
+    planned = json.loads(raw.headers["x-guardrail-decision"])
+    last = [c for c in raw.parse() if c.choices][-1]
+    final = last.model_extra["safety"]
+    assert planned["call_id"] == final["call_id"] == raw.headers["x-guardrail-call-id"]
+    assert planned["guarded"] and planned["mode_used"] == final["mode_used"]
+    assert planned["alpha"] == final["alpha"] and final["batch"] and planned["batch"] is None
+    chat = _chat_openai(server, max_tokens=3, include_response_headers=True)
+    chunks = list(chat.stream([HumanMessage(content=IMAGE_MESSAGE["content"])]))
+    headers = chunks[0].response_metadata["headers"]
+    assert json.loads(headers["x-guardrail-decision"])["guarded"]

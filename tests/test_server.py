@@ -245,8 +245,10 @@ def test_bad_input_is_400_with_the_typed_message(served):
     assert caught.value.response.json()["safety"]["mode_used"] == "refused"
     with pytest.raises(openai.BadRequestError, match="at most 64"):
         _ask(served, max_tokens=65)
-    with pytest.raises(openai.BadRequestError, match="logprobs"):
-        _ask(served, logprobs=True)
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        _ask(served, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        _ask(served, n=17)
     with pytest.raises(openai.BadRequestError, match=r"seed must be in") as caught:
         _ask(served, seed=2**80, temperature=0.7)
     assert caught.value.response.json()["safety"]["mode_used"] == "refused"

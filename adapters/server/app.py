@@ -1,5 +1,6 @@
-"""The OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/models`` (and ``/{id}``),
-``/healthz``, ``/metrics``; docs/serving.md has every parameter.
+"""The OpenAI-compatible server: ``/v1/chat/completions``, ``/v1/completions``,
+``/v1/responses``, ``/v1/models`` (and ``/{id}``), ``/healthz``, ``/metrics``;
+docs/serving.md has every parameter.
 
 Each app of the settings is an app of one :class:`~guardrail.service.GuardService` (its guard
 config, trust policy and store namespace) over one loaded model; the service batches every app's
@@ -8,15 +9,14 @@ Status codes: 401 (missing or wrong key), 404 (another model),
 413 (request too large), 429 with ``Retry-After`` (too many concurrent requests for the app),
 400 (bad input, with the typed error's message), 503 (guard unavailable and failing closed).
 Every answer carries its decision record as the extra field ``safety`` and the headers
-``x-guardrail-call-id`` and ``x-guardrail-decision`` (JSON), except streams, whose last chunk
-carries it.
+``x-guardrail-call-id`` and ``x-guardrail-decision`` (JSON). A stream's headers carry the
+decision as planned before generation, and its last chunk the whole record.
 """
 
 from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,24 +25,20 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
 from adapters.remote_images import RemoteImageFetcher
+from adapters.server.chat import ChatCompletionRequest
 from adapters.server.metrics import ServerMetrics
 from adapters.server.middleware import REQUEST_ID_HEADER, RequestIds, UnforeseenErrors
-from adapters.server.protocol import (
-    ChatCompletionRequest,
-    chunk,
-    completion,
-    error_body,
-    final_delta,
-    usage,
-)
+from adapters.server.protocol import Endpoint, Streamer, error_body
+from adapters.server.responses import ResponsesRequest
 from adapters.server.runners import LocalRunner, Runner
 from adapters.server.settings import AppSettings, ServerSettings
+from adapters.server.text_completions import CompletionRequest
 from guardrail import GuardedOutput
-from guardrail.decision import log_decision
+from guardrail.decision import GuardDecision, log_decision
 from guardrail.errors import (
     GuardrailError,
     GuardUnavailableError,
@@ -50,7 +46,7 @@ from guardrail.errors import (
     OverloadedError,
 )
 from guardrail.planning import refusal_record
-from guardrail.service import Call
+from guardrail.service import Call, Delta
 
 CALL_ID_HEADER = "x-guardrail-call-id"
 # The decision record as one JSON line (ASCII), for clients that read headers but drop unknown
@@ -69,8 +65,10 @@ class _DeadlineStream(StreamingResponse):
     """A streamed response that ends by ``deadline_s`` however slowly the client reads
     (cancelling it closes the generation)."""
 
-    def __init__(self, content: AsyncIterator[str], deadline_s: float) -> None:
-        super().__init__(content, media_type="text/event-stream")
+    def __init__(
+        self, content: AsyncIterator[str], deadline_s: float, headers: dict[str, str]
+    ) -> None:
+        super().__init__(content, media_type="text/event-stream", headers=headers)
         self.deadline_s = deadline_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -194,14 +192,26 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             return JSONResponse(model_not_found(f"the model {model_id!r} does not exist"), 404)
         return JSONResponse(model_entry)
 
-    # The body is read by hand (counted while it arrives); the schema documents it all the same.
-    body_schema = {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}}
+    def documented(kind: type[BaseModel]) -> dict[str, Any]:
+        """The body is read by hand (counted while it arrives); the schema documents it."""
+        schema = {"application/json": {"schema": kind.model_json_schema()}}
+        return {"requestBody": {"required": True, "content": schema}}
 
-    @api.post(
-        "/v1/chat/completions",
-        openapi_extra={"requestBody": {"required": True, "content": body_schema}},
-    )
-    async def completions(request: Request) -> Response:
+    @api.post("/v1/chat/completions", openapi_extra=documented(ChatCompletionRequest))
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, ChatCompletionRequest)
+
+    @api.post("/v1/completions", openapi_extra=documented(CompletionRequest))
+    async def text_completions(request: Request) -> Response:
+        return await serve(request, CompletionRequest)
+
+    @api.post("/v1/responses", openapi_extra=documented(ResponsesRequest))
+    async def responses(request: Request) -> Response:
+        return await serve(request, ResponsesRequest)
+
+    async def serve(request: Request, kind: type[BaseModel]) -> Response:
+        """One generating request of any endpoint: key, body, limits, slot, deadline, then the
+        guard's answer (streamed or whole) in the endpoint's shape."""
         arrived = time.monotonic()
         app = app_of(request)
         if app is None:
@@ -217,7 +227,7 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             )
             return respond(name, 413, body)
         try:
-            call = ChatCompletionRequest.model_validate_json(raw)
+            call: Endpoint = kind.model_validate_json(raw)  # type: ignore[assignment]
         except ValidationError as e:
             errors = e.errors()
             summary = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in errors)
@@ -242,24 +252,26 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             # response must (the answer still gets out); the slot is back by then.
             ends = arrived + app.max_request_s
             answer_by = arrived + 0.8 * app.max_request_s
-            model_call = await anyio.to_thread.run_sync(
-                call.guard_call, name, tokens, answer_by, fetcher.until(answer_by)
+            model_calls = await anyio.to_thread.run_sync(
+                call.guard_calls, name, tokens, answer_by, fetcher.until(answer_by)
             )
             if call.stream:
-                response = await _stream(app, model_call, call, arrived, ends)
+                (model_call,) = model_calls
+                response = await _stream(app, model_call, call.streamer(settings.model), arrived)
                 handed_over = True  # the stream gives the slot back when it ends
                 return response
             with anyio.fail_after(max(0.0, ends - time.monotonic())):
-                output = await _unless_client_leaves(request, running().invoke(model_call))
-            if output is None:  # the client went away: generation stopped, nobody to answer
+                outputs = await _unless_client_leaves(request, _all(model_calls))
+            if outputs is None:  # the client went away: generation stopped, nobody to answer
                 metrics.requests.labels(name, "499").inc()
                 return Response(status_code=499)
-            safety = output.decision.model_dump(mode="json")
-            metrics.decision(name, safety)
-            metrics.usage(name, output.usage.prompt_tokens, output.usage.completion_tokens)
+            for output in outputs:
+                metrics.decision(name, output.decision.model_dump(mode="json"))
+                metrics.usage(name, output.usage.prompt_tokens, output.usage.completion_tokens)
             metrics.latency.labels(name).observe(time.monotonic() - arrived)
-            body = completion(output, settings.model)
-            return respond(name, 200, body, **decision_headers(safety))
+            body = call.response(outputs, settings.model)
+            one = outputs[0].decision.model_dump(mode="json") if len(outputs) == 1 else None
+            return respond(name, 200, body, **decision_headers(one))
         except GuardrailError as e:
             if e.decision is None:  # refused while reading the body (a bad image URL...)
                 e.decision = _refusal_record(e, app, settings.model)
@@ -271,49 +283,63 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
             if not handed_over:
                 slots.give(app)
 
+    async def _all(calls: list[Call]) -> list[GuardedOutput]:
+        """Every call's output, the calls run together (the first error is raised)."""
+        if len(calls) == 1:
+            return [await running().invoke(calls[0])]
+        outputs: list[GuardedOutput | None] = [None] * len(calls)
+
+        async def one(index: int, call: Call) -> None:
+            outputs[index] = await running().invoke(call)
+
+        try:
+            async with anyio.create_task_group() as group:
+                for index, call in enumerate(calls):
+                    group.start_soon(one, index, call)
+        except BaseExceptionGroup as group_error:
+            raise group_error.exceptions[0] from None
+        return [output for output in outputs if output is not None]
+
     async def _stream(
-        app: AppSettings,
-        model_call: Call,
-        call: ChatCompletionRequest,
-        arrived: float,
-        ends: float,
+        app: AppSettings, model_call: Call, streamer: Streamer, arrived: float
     ) -> Response:
         """Start the stream; errors before the first piece get their own status code."""
         name = app.name
+        ends = arrived + app.max_request_s
         pieces = running().stream(model_call)
+        planned: dict[str, Any] | None = None
         try:
-            first: str | GuardedOutput | None = await anext(pieces)
+            first: GuardDecision | Delta | GuardedOutput | None = await anext(pieces)
+            if isinstance(first, GuardDecision):
+                planned = first.model_dump(mode="json")
+                first = await anext(pieces)
         except StopAsyncIteration:
             first = None
         except BaseException:
             await pieces.aclose()
             raise
-        stream_id = f"chatcmpl-{uuid.uuid4().hex}"
-        include_usage = bool((call.stream_options or {}).get("include_usage"))
 
         async def events() -> AsyncIterator[str]:
-            piece, opened = first, False
+            piece = first
             try:
+                for event in streamer.start():
+                    yield event
                 while piece is not None:
-                    if isinstance(piece, GuardedOutput):
-                        delta = final_delta(piece)
-                        delta = delta if opened else {"role": "assistant", **delta}
-                        safety = piece.decision.model_dump(mode="json")
-                        metrics.decision(name, safety)
-                        finish = piece.finish_reason
-                        yield _sse(chunk(stream_id, settings.model, delta, finish, safety=safety))
+                    if isinstance(piece, GuardDecision):
+                        pass
+                    elif isinstance(piece, GuardedOutput):
+                        metrics.decision(name, piece.decision.model_dump(mode="json"))
+                        for event in streamer.end(piece):
+                            yield event
                         metrics.usage(
                             name, piece.usage.prompt_tokens, piece.usage.completion_tokens
                         )
-                        if include_usage:
-                            yield _sse(chunk(stream_id, settings.model, {}, usage=usage(piece)))
-                    elif piece:
-                        delta = {"content": piece}
-                        if not opened:
-                            delta, opened = {"role": "assistant", **delta}, True
-                        yield _sse(chunk(stream_id, settings.model, delta))
+                    elif piece.text:
+                        for event in streamer.delta(piece):
+                            yield event
                     piece = await anext(pieces, None)
-                yield "data: [DONE]\n\n"
+                for event in streamer.done():
+                    yield event
                 metrics.requests.labels(name, "200").inc()
                 metrics.latency.labels(name).observe(time.monotonic() - arrived)
             finally:  # done, failed, client gone or deadline: generation stops, slot returns
@@ -321,7 +347,8 @@ def create_app(settings: ServerSettings, runner: Runner | None = None) -> FastAP
                     await pieces.aclose()
                 slots.give(app)
 
-        return _DeadlineStream(events(), max(0.0, ends - time.monotonic()))
+        left = max(0.0, ends - time.monotonic())
+        return _DeadlineStream(events(), left, decision_headers(planned))
 
     return api
 
@@ -332,11 +359,11 @@ def model_not_found(message: str) -> dict[str, Any]:
 
 
 async def _unless_client_leaves(
-    request: Request, work: Coroutine[Any, Any, GuardedOutput]
-) -> GuardedOutput | None:
+    request: Request, work: Coroutine[Any, Any, list[GuardedOutput]]
+) -> list[GuardedOutput] | None:
     """``work``'s result, or None once the client disconnects (``work`` is then cancelled,
     which stops its generation and frees its slot)."""
-    result: GuardedOutput | None = None
+    result: list[GuardedOutput] | None = None
     error: Exception | None = None
     async with anyio.create_task_group() as group:
 
@@ -377,7 +404,3 @@ def _refusal_record(error: GuardrailError, app: AppSettings, model: str) -> Any:
     decision = refusal_record(error, app.guard, app.guard.layers or (), model, app.name)
     log_decision(decision)
     return decision
-
-
-def _sse(data: dict[str, Any]) -> str:
-    return f"data: {json.dumps(data)}\n\n"

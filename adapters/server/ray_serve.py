@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from adapters.server.app import create_app
-from adapters.server.runners import LocalRunner
+from adapters.server.runners import LocalRunner, StreamPiece
 from adapters.server.settings import ServerSettings
 from guardrail import GuardedOutput
 from guardrail.errors import GuardrailError, GuardUnavailableError
@@ -49,9 +49,7 @@ class GuardedModel:
         except GuardrailError as e:
             return e
 
-    async def stream(
-        self, call: Call
-    ) -> AsyncGenerator[str | GuardedOutput | GuardrailError, None]:
+    async def stream(self, call: Call) -> AsyncGenerator[StreamPiece | GuardrailError, None]:
         pieces = self.runner.stream(call)
         try:
             async for piece in pieces:
@@ -81,7 +79,7 @@ class RayRunner:
         assert isinstance(answer, GuardedOutput)
         return answer
 
-    async def stream(self, call: Call) -> AsyncGenerator[str | GuardedOutput, None]:
+    async def stream(self, call: Call) -> AsyncGenerator[StreamPiece, None]:
         pieces = self.handle.options(stream=True).stream.remote(call)
         assert isinstance(pieces, DeploymentResponseGenerator)
         try:
@@ -148,7 +146,7 @@ class _IngressRunner:
     async def invoke(self, call: Call) -> GuardedOutput:
         return await self._runner().invoke(call)
 
-    def stream(self, call: Call) -> AsyncGenerator[str | GuardedOutput, None]:
+    def stream(self, call: Call) -> AsyncGenerator[StreamPiece, None]:
         return self._runner().stream(call)
 
     async def health(self) -> dict[str, str]:

@@ -1,9 +1,10 @@
 """Where the server's model calls run: in this process, or in Ray Serve replicas.
 
 A runner answers a guard :class:`~guardrail.service.Call` (``invoke``: the output), streams it
-(``stream``: an async generator of text deltas ending with the output, whose closing stops the
-generation; a refusal raises its typed error before the first piece) and reports the per-app
-state of the dataset-level shift (``health``).
+(``stream``: an async generator of the decision as planned, each choice's text deltas, and
+the output, whose closing stops the generation; a refusal raises its typed error before the
+first piece) and
+reports the per-app state of the dataset-level shift (``health``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,12 @@ import anyio
 
 from adapters.server.settings import ServerSettings
 from guardrail import GuardedOutput
+from guardrail.decision import GuardDecision
 from guardrail.registry import shared_service
-from guardrail.service import Call, GuardService
+from guardrail.service import Call, Delta, GuardService
+
+# What a stream yields: the decision as planned, then text deltas, then the output.
+StreamPiece = GuardDecision | Delta | GuardedOutput
 
 
 class Runner(Protocol):
@@ -24,7 +29,7 @@ class Runner(Protocol):
 
     async def invoke(self, call: Call) -> GuardedOutput: ...
 
-    def stream(self, call: Call) -> AsyncGenerator[str | GuardedOutput, None]: ...
+    def stream(self, call: Call) -> AsyncGenerator[StreamPiece, None]: ...
 
     async def health(self) -> dict[str, str]: ...
 
@@ -72,11 +77,13 @@ class LocalRunner:
             if not handle.done:
                 handle.cancel()
 
-    async def stream(self, call: Call) -> AsyncGenerator[str | GuardedOutput, None]:
+    async def stream(self, call: Call) -> AsyncGenerator[StreamPiece, None]:
         handle = await anyio.to_thread.run_sync(self._service().submit, call)
         try:
-            async for text in handle:
-                yield text
+            if handle.planned is not None:
+                yield handle.planned
+            async for delta in handle.adeltas():
+                yield delta
             yield handle.result(0)
         finally:  # finished, failed or closed by the consumer: the generation ends
             if not handle.done:
