@@ -478,3 +478,41 @@ def test_a_streams_headers_carry_the_decision_as_planned(server):
     chunks = list(chat.stream([HumanMessage(content=IMAGE_MESSAGE["content"])]))
     headers = chunks[0].response_metadata["headers"]
     assert json.loads(headers["x-guardrail-decision"])["guarded"]
+
+
+async def test_the_async_sdk_and_chat_openais_async_paths(server):
+    """AsyncOpenAI (chat whole and streamed, completions, responses streamed) and ChatOpenAI's
+    ainvoke and astream answer as their synchronous forms."""
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+    model = server.settings.model
+    asked = {"model": model, "messages": [IMAGE_MESSAGE], "max_tokens": 4}
+    whole = await client.chat.completions.create(**asked)
+    assert whole.choices[0].message.content == (
+        _client(server).chat.completions.create(**asked).choices[0].message.content
+    )
+    streamed = "".join(
+        [
+            c.choices[0].delta.content or ""
+            async for c in await client.chat.completions.create(**asked, stream=True)
+            if c.choices
+        ]
+    )
+    assert streamed == whole.choices[0].message.content
+    completion = await client.completions.create(model=model, prompt="Hello", max_tokens=3)
+    assert completion.choices[0].finish_reason == "length"
+    events = [
+        e
+        async for e in await client.responses.create(
+            model=model, input=[RESPONSES_IMAGE], max_output_tokens=4, stream=True
+        )
+    ]
+    assert events[-1].response.output_text == whole.choices[0].message.content
+    chat = _chat_openai(server, max_tokens=4)
+    from langchain_core.messages import HumanMessage
+
+    question = [HumanMessage(content=IMAGE_MESSAGE["content"])]
+    assert (await chat.ainvoke(question)).text == whole.choices[0].message.content
+    assert (
+        "".join([c.text async for c in chat.astream(question)]) == whole.choices[0].message.content
+    )
+    await client.close()
