@@ -433,6 +433,9 @@ def test_responses_api_calls_tools_and_follows_a_schema(server):
         text={"format": {"type": "json_schema", "name": "Colour", "schema": schema}},
     )
     assert json.loads(shaped.output_text)["colour"] in ("red", "blue")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model=model, input="hi", tools=[PICK], tool_choice="any")
+    assert caught.value.body["param"] == "tool_choice"
 
 
 def test_chat_openai_on_the_responses_api(server):

@@ -58,6 +58,17 @@ class ResponsesRequest(SamplingFields):
             raise ValueError("the Responses API takes no stop sequences")
         return stop
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if isinstance(choice, str) and choice not in ("none", "auto", "required"):
+            raise ValueError("tool_choice is 'none', 'auto', 'required' or a function")
+        if isinstance(choice, dict) and not (
+            choice.get("type") == "function" and isinstance(choice.get("name"), str)
+        ):
+            raise ValueError("a tool_choice object is {'type': 'function', 'name': ...}")
+        return choice
+
     @field_validator("truncation")
     @classmethod
     def _no_truncation(cls, truncation: str | None) -> str | None:
