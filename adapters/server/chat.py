@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from adapters.conversation import (
     tool_choice_value,
 )
 from adapters.remote_images import RemoteImageFetcher
-from adapters.server.protocol import SamplingFields, chat_logprob, sse, usage
+from adapters.server.protocol import ChunkStream, SamplingFields, chat_logprob, usage
 from guardrail import GuardedOutput, GuardRequest
 from guardrail.errors import InvalidInputError
 from guardrail.limits import parse_json
@@ -110,59 +109,39 @@ class ChatCompletionRequest(SamplingFields):
         return ChatStream(model, self.include_usage)
 
 
-class ChatStream:
-    """``chat.completion.chunk`` events: each choice's text as it becomes final; at its end,
-    its tool calls (each whole), finish reason and log-probabilities; the decision record in
-    the last chunk that has choices."""
+class ChatStream(ChunkStream):
+    """``chat.completion.chunk`` events; a choice's last chunk carries its tool calls (each
+    whole), finish reason and log-probabilities."""
+
+    kind, prefix = "chat.completion.chunk", "chatcmpl"
 
     def __init__(self, model: str, include_usage: bool) -> None:
-        self.model, self.include_usage = model, include_usage
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        super().__init__(model, include_usage)
         self.opened: set[int] = set()
 
-    def start(self) -> list[str]:
-        return []
+    def text_entry(self, delta: Delta) -> dict[str, Any]:
+        return self._entry(delta.choice, {"content": delta.text})
 
-    def done(self) -> list[str]:
-        return ["data: [DONE]\n\n"]
+    def last_entry(self, index: int, choice: GuardedOutput) -> dict[str, Any]:
+        content: dict[str, Any] = {}
+        if calls := tool_calls(choice):
+            content["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
+        entry = self._entry(index, content, choice.finish_reason)
+        if choice.logprobs is not None:
+            entry["logprobs"] = _logprobs(choice)
+        return entry
 
-    def delta(self, delta: Delta) -> list[str]:
-        return [self._chunk([self._choice(delta.choice, {"content": delta.text})])]
+    def checked(self, body: dict[str, Any]) -> dict[str, Any]:
+        chunk = ChatCompletionChunk.model_validate(body)
+        return chunk.model_dump(mode="json", exclude_unset=True, by_alias=True)
 
-    def end(self, output: GuardedOutput) -> list[str]:
-        events = []
-        last = len(output.choices) - 1
-        for index, choice in enumerate(output.choices):
-            calls = tool_calls(choice)
-            content: dict[str, Any] = {}
-            if calls:
-                content["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls)]
-            entry = self._choice(index, content, choice.finish_reason)
-            if choice.logprobs is not None:
-                entry["logprobs"] = _logprobs(choice)
-            extra = {"safety": output.decision.model_dump(mode="json")} if index == last else {}
-            events.append(self._chunk([entry], **extra))
-        if self.include_usage:
-            events.append(self._chunk([], usage=usage(output)))
-        return events
-
-    def _choice(self, index: int, content: dict[str, Any], finish: str | None = None) -> Any:
+    def _entry(
+        self, index: int, content: dict[str, Any], finish: str | None = None
+    ) -> dict[str, Any]:
         if index not in self.opened:
             self.opened.add(index)
             content = {"role": "assistant", **content}
         return {"index": index, "delta": content, "finish_reason": finish}
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-        chunk = ChatCompletionChunk.model_validate(body)
-        return sse(chunk.model_dump(mode="json", exclude_unset=True, by_alias=True))
 
 
 def _logprobs(choice: GuardedOutput) -> dict[str, Any] | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -123,6 +125,61 @@ class SamplingFields(BaseModel):
             logit_bias=tuple(sorted((self.logit_bias or {}).items())),
             logprobs=logprobs,
         )
+
+
+class ChunkStream:
+    """The chunk streams of chat and text completions: each choice's text as it becomes final,
+    then each choice's last chunk (the record in the last one), usage when asked, ``[DONE]``.
+    Subclasses say what a chunk is and how a choice's entries look."""
+
+    kind = ""  # the chunks' ``object``
+    prefix = ""  # of the stream's id
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.model, self.include_usage = model, include_usage
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+
+    def start(self) -> list[str]:
+        return []
+
+    def delta(self, delta: Delta) -> list[str]:
+        return [self.chunk([self.text_entry(delta)])]
+
+    def end(self, output: GuardedOutput) -> list[str]:
+        events = []
+        last = len(output.choices) - 1
+        for index, choice in enumerate(output.choices):
+            extra = {"safety": output.decision.model_dump(mode="json")} if index == last else {}
+            events.append(self.chunk([self.last_entry(index, choice)], **extra))
+        if self.include_usage:
+            events.append(self.chunk([], usage=usage(output)))
+        return events
+
+    def done(self) -> list[str]:
+        return ["data: [DONE]\n\n"]
+
+    def text_entry(self, delta: Delta) -> dict[str, Any]:
+        """A choice's entry carrying new text."""
+        raise NotImplementedError
+
+    def last_entry(self, index: int, choice: GuardedOutput) -> dict[str, Any]:
+        """A choice's last entry: what text left out, and its finish reason."""
+        raise NotImplementedError
+
+    def checked(self, body: dict[str, Any]) -> dict[str, Any]:
+        """The chunk as sent (validated where the client's model allows)."""
+        return body
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        body = {
+            "id": self.id,
+            "object": self.kind,
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+        return sse(self.checked(body))
 
 
 def logprob_value(logprob: float) -> float:

@@ -5,7 +5,6 @@ record says so); images have no place in this API."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +12,7 @@ from openai.types import Completion
 from pydantic import Field, field_validator
 
 from adapters.remote_images import RemoteImageFetcher
-from adapters.server.protocol import SamplingFields, logprob_value, sse, usage
+from adapters.server.protocol import ChunkStream, SamplingFields, logprob_value
 from guardrail import GuardedOutput, GuardRequest
 from guardrail.errors import InvalidInputError
 from guardrail.outputs import TextLogprob
@@ -109,47 +108,18 @@ class CompletionRequest(SamplingFields):
         return CompletionStream(model, self.include_usage)
 
 
-class CompletionStream:
-    """``text_completion`` chunks: text as it becomes final, then per choice its finish
-    reason and log-probabilities; the decision record in the last chunk with choices."""
+class CompletionStream(ChunkStream):
+    """``text_completion`` chunks; a choice's last chunk carries its finish reason and
+    log-probabilities. Not validated: openai's ``Completion`` (which clients parse chunks into)
+    has no ``finish_reason`` None, which every chunk before the last carries (as vLLM's do)."""
 
-    def __init__(self, model: str, include_usage: bool) -> None:
-        self.model, self.include_usage = model, include_usage
-        self.id = f"cmpl-{uuid.uuid4().hex}"
+    kind, prefix = "text_completion", "cmpl"
 
-    def start(self) -> list[str]:
-        return []
+    def text_entry(self, delta: Delta) -> dict[str, Any]:
+        return {"index": delta.choice, "text": delta.text, "finish_reason": None}
 
-    def done(self) -> list[str]:
-        return ["data: [DONE]\n\n"]
-
-    def delta(self, delta: Delta) -> list[str]:
-        choice = {"index": delta.choice, "text": delta.text, "finish_reason": None}
-        return [self._chunk([choice])]
-
-    def end(self, output: GuardedOutput) -> list[str]:
-        events = []
-        last = len(output.choices) - 1
-        for index, choice in enumerate(output.choices):
-            entry = {**_choice(index, choice), "text": ""}
-            extra = {"safety": output.decision.model_dump(mode="json")} if index == last else {}
-            events.append(self._chunk([entry], **extra))
-        if self.include_usage:
-            events.append(self._chunk([], usage=usage(output)))
-        return events
-
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> str:
-        body = {
-            "id": self.id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": choices,
-            **extra,
-        }
-        # Not validated: openai's Completion (which clients parse chunks into) has no
-        # finish_reason None, which every chunk before the last carries (as vLLM's do).
-        return sse(body)
+    def last_entry(self, index: int, choice: GuardedOutput) -> dict[str, Any]:
+        return {**_choice(index, choice), "text": ""}
 
 
 def _choice(index: int, output: GuardedOutput) -> dict[str, Any]:
