@@ -191,18 +191,27 @@ def prompts(kind: str, split: str, seed: int = 0) -> list[str]:
     """Every template of ``split`` applied to every ``kind`` (harmful or benign) topic of
     ``split``, in a seeded order: train 400 harmful and 500 benign, each in a random framing;
     held-out 100 per kind."""
+    return [text for text, _ in written(kind, split, seed)]
+
+
+def written(kind: str, split: str, seed: int = 0) -> list[tuple[str, tuple[int, int]]]:
+    """:func:`prompts` with each prompt's cell: (template index, topic index) in ``split``."""
     topics = (HARMFUL_TOPICS if kind == "harmful" else BENIGN_TOPICS)[split]
     if kind == "benign" and split == "train":
         topics = topics + BENIGN_TOPICS["train_contrast"]
-    written = [t.format(topic=topic) for t in TEMPLATES[split] for topic in topics]
+    cells = [
+        (t.format(topic=topic), (i, j))
+        for i, t in enumerate(TEMPLATES[split])
+        for j, topic in enumerate(topics)
+    ]
     rng = random.Random(f"{kind}-{split}-{seed}")
     if split == "train":
-        written = [
-            rng.choice(FRAMINGS).format(request=w, request_lower=w[0].lower() + w[1:])
-            for w in written
+        cells = [
+            (rng.choice(FRAMINGS).format(request=w, request_lower=w[0].lower() + w[1:]), cell)
+            for w, cell in cells
         ]
-    rng.shuffle(written)
-    return written
+    rng.shuffle(cells)
+    return cells
 
 
 def refused(answer: str) -> bool:
