@@ -72,7 +72,7 @@ def mcnemar(first: Sequence[bool], second: Sequence[bool]) -> float:
     n = only_first + only_second
     if n == 0:
         return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1)) / 2**n
+    tail: float = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1)) / 2**n
     return min(1.0, 2 * tail)
 
 
