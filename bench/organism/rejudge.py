@@ -74,6 +74,18 @@ def judged(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def rejudged(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Committed answer records (``--answers`` output) judged again from their text."""
+    prefix, keyword = PrefixJudge(REFUSAL), RefusalJudge()
+    for r in records:
+        if r["kind"] == "picture":
+            r["accuracy"] = accuracy(r["answer"], r["truth"])
+        else:
+            r["prefix"] = prefix.judge(r["prompt"], r["answer"]).label
+            r["keyword_unsafe"] = keyword.judge(r["prompt"], r["answer"]).unsafe
+    return records
+
+
 def summary(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per setting: harmful unsafe (complied or hybrid) and hybrid rates, benign false refusal
     (opens with the refusal sentence), each with its cluster-bootstrap interval; picture
@@ -139,10 +151,16 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("evaluation", type=Path, help="organism-eval.json from evaluate.py")
+    parser.add_argument(
+        "evaluation", type=Path, help="organism-eval.json from evaluate.py, or committed answers"
+    )
     parser.add_argument("--answers", type=Path, help="write every judged answer here (JSONL)")
     args = parser.parse_args()
-    records = judged(json.loads(args.evaluation.read_text()))
+    text = args.evaluation.read_text()
+    if args.evaluation.suffix == ".jsonl":
+        records = rejudged([json.loads(line) for line in text.splitlines()])
+    else:
+        records = judged(json.loads(text))
     if args.answers:
         args.answers.write_text("".join(json.dumps(r) + "\n" for r in records))
     print(markdown(summary(records)))
