@@ -244,12 +244,13 @@ class GuardService:
                 return  # the call ends with its last choice
             with self._lock:
                 app.active -= 1
-            done = [(c.answer, c.stream.text if c.stream.stopped else None) for c in choices]
-            first, rows = done[0][0], max(c.rows for c in choices)
-            assert first is not None
-            output = app.vlm.conclude(prepared, first, rows, done[0][1], done[1:])  # type: ignore[arg-type]
-            error = next((c.answer.error for c in choices if c.answer and c.answer.error), None)
-            if error is None and any(c.answer and c.answer.finished == "aborted" for c in choices):
+            answers = [c.answer for c in choices if c.answer is not None]
+            texts = [c.stream.text if c.stream.stopped else None for c in choices]
+            others = list(zip(answers[1:], texts[1:], strict=True))
+            rows = max(c.rows for c in choices)
+            output = app.vlm.conclude(prepared, answers[0], rows, texts[0], others)
+            error = next((a.error for a in answers if a.error), None)
+            if error is None and any(a.finished == "aborted" for a in answers):
                 error = CallCancelledError(f"call {call_id} was cancelled")
             if isinstance(error, GuardrailError):
                 error.decision = output.decision
