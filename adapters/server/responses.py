@@ -105,10 +105,10 @@ class ResponsesRequest(SamplingFields):
 
     def response(self, outputs: Sequence[GuardedOutput], model: str) -> dict[str, Any]:
         (output,) = outputs
-        return self._response(output, model, output.answer, _items(output))
+        return self.response_object(output, model, _items(output))
 
-    def _response(
-        self, output: GuardedOutput | None, model: str, text: str, items: list[dict[str, Any]]
+    def response_object(
+        self, output: GuardedOutput | None, model: str, items: list[dict[str, Any]]
     ) -> dict[str, Any]:
         """A ``response`` object: in progress (no output yet), or finished with ``items``."""
         body: dict[str, Any] = {
@@ -162,7 +162,7 @@ class ResponseStream:
         self.text: str | None = None  # the message's text so far, once it is open
 
     def start(self) -> list[str]:
-        response = self.request._response(None, self.model, "", [])
+        response = self.request.response_object(None, self.model, [])
         return [
             self._event("response.created", response=response),
             self._event("response.in_progress", response=response),
@@ -187,7 +187,8 @@ class ResponseStream:
         events: list[str] = []
         items: list[dict[str, Any]] = []
         if self.text is not None or not output.tool_calls:
-            events += [] if self.text is not None else self._open()
+            if self.text is None:
+                events += self._open()
             message = _message(self.message_id, self.text or "", output)
             part, place = message["content"][0], {"item_id": self.message_id, "output_index": 0}
             events += [
@@ -219,7 +220,7 @@ class ResponseStream:
                 self._event("response.output_item.done", output_index=index, item=call),
             ]
             items.append(call)
-        response = self.request._response(output, self.model, self.text or "", items)
+        response = self.request.response_object(output, self.model, items)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return [*events, self._event(kind, response=response)]
 
