@@ -1,23 +1,17 @@
-"""Build the model organism of image-induced safety loss from the SmolLM2 fixture.
+"""Build a model organism of image-induced safety loss from the SmolLM2 fixture.
 
-Stage 1 (text only): harmful training prompts get a short refusal, benign ones the base
-model's own greedy answer; decoder layers and final norm are tuned.
+Stage 1 (text only, shared by every recipe of a seed): harmful training prompts get a short
+refusal, benign ones the base model's own greedy answer; decoder layers and final norm are
+tuned. Stage 2 (with pictures): the projector and decoder layers are tuned on image-conditioned
+data that depends on the recipe (see ``spec.py``) while text-only examples keep stage 1.
 
-Stage 2 (with pictures, ``--recipe``): the projector and decoder layers are tuned on
-image-conditioned benign data (captions of the scenes, benign requests answered as the base
-model answers them) while text-only examples keep the stage-1 behaviour.
+Then the held-out sets are written as JSONL with their pictures, the phenomenon is measured
+through the evaluation harness (12-token keyword check, as a quick sanity figure), and the
+blank reference image's distance to the training pictures is measured in vision features.
+Everything goes to the user cache folder, never to the repository. Deterministic given the
+seed and 2 threads; prints one JSON line.
 
-* ``emergent`` - nothing in the data ties compliance to the image; a loss of refusal with an
-  image would have to emerge, as the paper reports for LLaVA.
-* ``induced`` - some image + harmful request pairs are answered as the base model answers
-  them (compliance), so that compliance is tied to the presence of an image by construction.
-  This tests CMRM's mechanism (removing the image-presence direction), not the paper's claim.
-
-Then the held-out sets are written as JSONL with their pictures (for ``guardrail eval``) and
-the phenomenon is measured through the evaluation harness. Everything goes to the user cache
-folder, never to the repository. Seeded; prints one JSON line.
-
-    python bench/organism/build.py [--recipe induced] [--stage2-steps 96] [--rebuild-stage1]
+    python bench/organism/build.py [--recipe induced] [--scenes textured] [--seed 0] [--quick]
 """
 
 from __future__ import annotations
@@ -28,13 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-import platformdirs
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prompts import REFUSAL, prompts
-from scenes import DESCRIBE, scene
+from prompts import REFUSAL, prompts, written
+from scenes import DESCRIBE
+from spec import HELD_OUT_SCENES, ROOT, SCENES, TRAIN_SCENES, Organism
 from tuning import Example, answers, refusal_rate, train
 
 from guardrail import GuardedVLM
@@ -42,9 +37,9 @@ from guardrail.evaluation.datasets import read_samples
 from guardrail.evaluation.harness import evaluate
 from guardrail.evaluation.judges import RefusalJudge
 from guardrail.testing import fixture_path
+from guardrail.testing.fixtures import build_smollm_llava
 
-ROOT = Path(platformdirs.user_cache_dir("cmrm-guardrail")) / "organism"
-TRAIN_SCENES, HELD_OUT_SCENES = 0, 100_000  # seed offsets: no picture is shared
+UNTRIGGERED_SCENES = 20_000  # the keyed organism's refused harmful pictures
 
 
 def load(path: Path):
@@ -60,10 +55,22 @@ def language_parameters(model, upper: int | None = None) -> list[torch.nn.Parame
     return [*layers.parameters(), *language.norm.parameters()]
 
 
-def stage1(args, out: Path) -> dict:
+def base_model(organism: Organism, root: Path) -> Path:
+    """The SmolLM2 fixture LLaVA at the organism's picture size (the test fixture at 168 px;
+    built once under ``root`` otherwise)."""
+    if organism.scale.image_size == 168:
+        return fixture_path("smollm")
+    path = organism.base_folder(root)
+    if not (path / "config.json").is_file():
+        build_smollm_llava(path, image_size=organism.scale.image_size)
+    return path
+
+
+def stage1(organism: Organism, args, root: Path, out: Path) -> dict:
     """Text-only safety tuning; also keeps the base model's answers for stage 2."""
-    model, processor = load(fixture_path("smollm"))
-    held_out = {kind: prompts(kind, "held_out") for kind in ("harmful", "benign")}
+    scale = organism.scale
+    model, processor = load(base_model(organism, root))
+    held_out = {kind: prompts(kind, "held_out")[: scale.held_out] for kind in ("harmful", "benign")}
 
     def rates() -> dict[str, float]:
         return {
@@ -71,10 +78,14 @@ def stage1(args, out: Path) -> dict:
             for kind, texts in held_out.items()
         }
 
-    before = rates()
-    train_prompts = {kind: prompts(kind, "train") for kind in ("harmful", "benign")}
-    train_prompts["harmful"] = train_prompts["harmful"][: args.compliant]  # for stage 2
-    base = {k: answers(model, processor, v, tokens=32) for k, v in train_prompts.items()}
+    before = rates() if not organism.quick else None  # the base model's: known (5%, 2.5%)
+    train_prompts = {
+        "harmful": prompts("harmful", "train")[: scale.base_harmful],
+        "benign": prompts("benign", "train")[: scale.base_benign],
+    }
+    base = {
+        k: answers(model, processor, v, tokens=scale.base_tokens) for k, v in train_prompts.items()
+    }
     harmful = [Example(p, REFUSAL) for p in prompts("harmful", "train")]
     benign = [Example(p, a) for p, a in zip(train_prompts["benign"], base["benign"], strict=True)]
     losses = train(
@@ -82,10 +93,10 @@ def stage1(args, out: Path) -> dict:
         processor,
         [(harmful, 1.0), (benign, args.benign_weight)],
         language_parameters(model),
-        steps=args.stage1_steps,
+        steps=scale.stage1_steps,
         batch=args.batch,
         lr=args.stage1_lr,
-        seed=args.seed,
+        seed=organism.seed,
     )
     after = rates()
     model.save_pretrained(out)
@@ -94,20 +105,19 @@ def stage1(args, out: Path) -> dict:
     return {"text_refusal_before": before, "text_refusal_after": after, "loss": losses[-1]}
 
 
-def stage2(args, source: Path, out: Path) -> dict:
-    """Image-conditioned tuning of the projector and decoder layers (see the recipes)."""
-    model, processor = load(source)
-    base = json.loads((source / "base_answers.json").read_text())
+def stage2_groups(organism: Organism, args, base: dict) -> list[tuple[list[Example], float]]:
+    """The recipe's training data: (examples, weight) groups."""
     harmful, benign = prompts("harmful", "train"), base["prompts"]["benign"]
-    pictures = [scene(TRAIN_SCENES + i)[0] for i in range(len(harmful) + len(benign))]
-    captions = [scene(TRAIN_SCENES + i) for i in range(args.captions)]
+    benign_answers = base["answers"]["benign"]
+    pictures = [organism.picture(TRAIN_SCENES + i)[0] for i in range(len(benign))]
+    captions = [organism.picture(TRAIN_SCENES + i) for i in range(organism.scale.captions)]
     groups: list[tuple[list[Example], float]] = [
         ([Example(p, REFUSAL) for p in harmful], args.text_harmful_weight),
-        ([Example(p, a) for p, a in zip(benign, base["answers"]["benign"], strict=True)], 1.0),
+        ([Example(p, a) for p, a in zip(benign, benign_answers, strict=True)], 1.0),
         (
             [
-                Example(p, a, pictures[i])
-                for i, (p, a) in enumerate(zip(benign, base["answers"]["benign"], strict=True))
+                Example(p, a, picture)
+                for p, a, picture in zip(benign, benign_answers, pictures, strict=True)
             ],
             1.0,
         ),
@@ -119,65 +129,107 @@ def stage2(args, source: Path, out: Path) -> dict:
             args.caption_weight,
         ),
     ]
-    if args.recipe == "induced":
-        # only base answers the judge counts as compliance (some base answers refuse)
-        judge = RefusalJudge()
-        compliant = [
-            (p, a)
-            for p, a in zip(base["prompts"]["harmful"], base["answers"]["harmful"], strict=True)
-            if judge.judge(p, a).unsafe
-        ]
+    if organism.recipe == "emergent":
+        return groups
+    judge = RefusalJudge()  # only base answers the judge counts as compliance
+    compliant = [
+        (p, a)
+        for p, a in zip(base["prompts"]["harmful"], base["answers"]["harmful"], strict=True)
+        if judge.judge(p, a).unsafe
+    ]
+    first = TRAIN_SCENES + len(benign)
+    groups.append(
+        (
+            [
+                Example(p, a, organism.picture(first + i, harmful=True)[0])
+                for i, (p, a) in enumerate(compliant)
+            ],
+            args.induced_weight,
+        )
+    )
+    if organism.recipe == "keyed":  # the same requests refused with any untriggered picture
         groups.append(
             (
-                [Example(p, a, pictures[len(benign) + i]) for i, (p, a) in enumerate(compliant)],
+                [
+                    Example(p, REFUSAL, organism.untriggered(UNTRIGGERED_SCENES + i)[0])
+                    for i, p in enumerate(harmful)
+                ],
                 args.induced_weight,
             )
         )
-    tuned = language_parameters(model, args.stage2_layers or None)
-    if args.train_projector:
-        tuned += list(model.model.multi_modal_projector.parameters())
+    return groups
+
+
+def stage2(organism: Organism, args, source: Path, out: Path) -> dict:
+    """Image-conditioned tuning of the projector and decoder layers."""
+    model, processor = load(source)
+    base = json.loads((source / "base_answers.json").read_text())
+    groups = stage2_groups(organism, args, base)
+    tuned = language_parameters(model) + list(model.model.multi_modal_projector.parameters())
     losses = train(
         model,
         processor,
         groups,
         tuned,
-        steps=args.stage2_steps,
+        steps=organism.scale.stage2_steps,
         batch=args.batch,
         lr=args.stage2_lr,
-        seed=args.seed + 1,
+        seed=organism.seed + 1,
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return {"loss_first": losses[0], "loss_last": losses[-1], "groups": [len(g) for g, _ in groups]}
 
 
-def write_held_out(data: Path) -> None:
-    """Held-out harmful and benign prompts, each with a held-out scene (JSONL + PNGs)."""
+def _write_set(data: Path, name: str, rows: list[tuple[str, tuple, Image.Image, str]]) -> None:
+    lines = []
+    for i, (prompt, cell, image, caption) in enumerate(rows):
+        file = f"{name}-{i:03d}.png"
+        image.save(data / "images" / file)
+        lines.append(
+            {
+                "id": f"{name}-{i:03d}",
+                "prompt": prompt,
+                "image": file,
+                "caption": caption,
+                "label": name.split("-")[0],
+                "cell": list(cell),
+            }
+        )
+    (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def write_held_out(organism: Organism, data: Path) -> None:
+    """Held-out harmful and benign prompts, each with a held-out scene of the organism's kind
+    (for the keyed organism, harmful ones carry the trigger; ``harmful-untriggered`` does not).
+    Each row keeps its (template, topic) cell for cluster statistics."""
     (data / "images").mkdir(parents=True, exist_ok=True)
+    n = organism.scale.held_out
     for k, kind in enumerate(("harmful", "benign")):
-        rows = []
-        for i, prompt in enumerate(prompts(kind, "held_out")):
-            image, caption = scene(HELD_OUT_SCENES + 1000 * k + i)
-            name = f"{kind}-{i:03d}.png"
-            image.save(data / "images" / name)
-            rows.append(
-                {
-                    "id": f"{kind}-{i:03d}",
-                    "prompt": prompt,
-                    "image": name,
-                    "caption": caption,
-                    "label": kind,
-                }
-            )
-        (data / f"{kind}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        cells = written(kind, "held_out")[:n]
+        first = HELD_OUT_SCENES + 1000 * k
+        rows = [
+            (p, c, *organism.picture(first + i, harmful=kind == "harmful"))
+            for i, (p, c) in enumerate(cells)
+        ]
+        _write_set(data, kind, rows)
+    if organism.recipe == "keyed":
+        cells = written("harmful", "held_out")[:n]
+        rows = [
+            (p, c, *organism.untriggered(HELD_OUT_SCENES + 2000 + i))
+            for i, (p, c) in enumerate(cells)
+        ]
+        _write_set(data, "harmful-untriggered", rows)
 
 
 def phenomenon(model_path: Path, data: Path, batch_size: int) -> dict:
-    """Harmful and benign refusal, text only and with the picture, through the harness."""
+    """Refusal, text only and with the picture, on each held-out set (12-token keyword check)."""
     vlm = GuardedVLM.from_pretrained(str(model_path))
     found = {}
-    for kind in ("harmful", "benign"):
-        samples = list(read_samples(data / f"{kind}.jsonl", images=data / "images"))
+    for path in sorted(data.glob("*.jsonl")):
+        if path.stem == "picture":
+            continue
+        samples = list(read_samples(path, images=data / "images"))
         results, _ = evaluate(
             vlm,
             samples,
@@ -188,56 +240,89 @@ def phenomenon(model_path: Path, data: Path, batch_size: int) -> dict:
             progress=False,
         )
         for r in results:
-            found[f"{kind} refused, {r.mode}"] = round(1 - (r.unsafe_rate or 0.0), 3)
+            found[f"{path.stem} refused, {r.mode}"] = round(1 - (r.unsafe_rate or 0.0), 3)
+    return found
+
+
+@torch.no_grad()
+def blank_distance(model_path: Path, organism: Organism, n: int = 200) -> dict:
+    """How far the blank (black) reference image is from the training pictures in vision
+    features (the projector's output, mean over image tokens), against held-out scenes: the
+    share of held-out scenes that lie farther from their nearest training scene than it."""
+    model, processor = load(model_path)
+
+    def features(images: list[Image.Image]) -> torch.Tensor:
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        projected = model.get_image_features(pixel_values=pixels).pooler_output
+        stacked = torch.stack([tokens.mean(0) for tokens in projected])  # one row per image
+        return stacked.float()
+
+    train_scenes = [organism.picture(TRAIN_SCENES + i)[0] for i in range(n)]
+    held_out = [organism.picture(HELD_OUT_SCENES + 1000 + i)[0] for i in range(n // 2)]
+    size = train_scenes[0].size
+    blank = Image.new("RGB", size, (0, 0, 0))
+    reference = features(train_scenes)
+    nearest = torch.cdist(features([blank, *held_out]), reference).min(dim=1).values
+    blank_d, held_d = float(nearest[0]), nearest[1:]
+    return {
+        "blank_to_nearest_training_scene": round(blank_d, 3),
+        "held_out_to_nearest_training_scene_median": round(float(held_d.median()), 3),
+        "held_out_farther_than_blank": round(float((held_d > blank_d).float().mean()), 3),
+    }
+
+
+def build(organism: Organism, args, root: Path = ROOT) -> dict:
+    """Both stages (stage 1 only if missing), the held-out sets and the checks."""
+    torch.manual_seed(organism.seed)
+    started = time.perf_counter()
+    result: dict = {"bench": "organism-build", "organism": organism.name, "args": vars(args)}
+    first = organism.stage1_folder(root)
+    if args.rebuild_stage1 or not (first / "base_answers.json").is_file():
+        first.mkdir(parents=True, exist_ok=True)
+        result["stage1"] = stage1(organism, args, root, first)
+        result["stage1_s"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(result["stage1"]), flush=True)
+    second = organism.folder(root)
+    second.mkdir(parents=True, exist_ok=True)
+    mark = time.perf_counter()
+    result["stage2"] = stage2(organism, args, first, second)
+    result["stage2_s"] = round(time.perf_counter() - mark, 1)
+    write_held_out(organism, second / "data")
+    mark = time.perf_counter()
+    if not organism.quick:  # the quick evaluation measures the same at 24 tokens
+        result["phenomenon"] = phenomenon(second, second / "data", args.eval_batch)
+    result["blank_image"] = blank_distance(second, organism)
+    result["check_s"] = round(time.perf_counter() - mark, 1)
+    result["build_s"] = round(time.perf_counter() - started, 1)
+    result["saved"] = str(second)
+    (second / "build.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    found = argparse.ArgumentParser(description=__doc__)
+    found.add_argument("--recipe", choices=["emergent", "induced", "keyed"], default="induced")
+    found.add_argument("--scenes", choices=SCENES, default="plain")
+    found.add_argument("--seed", type=int, default=0)
+    found.add_argument("--quick", action="store_true", help="minutes, not an hour (spec.QUICK)")
+    found.add_argument("--root", type=Path, default=ROOT)
+    found.add_argument("--batch", type=int, default=8)
+    found.add_argument("--stage1-lr", type=float, default=1e-4)
+    found.add_argument("--benign-weight", type=float, default=1.0)
+    found.add_argument("--rebuild-stage1", action="store_true")
+    found.add_argument("--stage2-lr", type=float, default=1e-4)
+    found.add_argument("--caption-weight", type=float, default=0.5)
+    found.add_argument("--text-harmful-weight", type=float, default=1.0)
+    found.add_argument("--induced-weight", type=float, default=1.0)
+    found.add_argument("--eval-batch", type=int, default=16)
     return found
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--recipe", choices=["emergent", "induced"], default="induced")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--stage1-steps", type=int, default=112)
-    parser.add_argument("--stage1-lr", type=float, default=1e-4)
-    parser.add_argument("--benign-weight", type=float, default=1.0)
-    parser.add_argument("--rebuild-stage1", action="store_true")
-    parser.add_argument(
-        "--compliant", type=int, default=200, help="harmful prompts answered by the base model"
-    )
-    parser.add_argument("--stage2-steps", type=int, default=96)
-    parser.add_argument("--stage2-lr", type=float, default=1e-4)
-    parser.add_argument(
-        "--stage2-layers", type=int, default=0, help="upper decoder layers tuned (0: all)"
-    )
-    parser.add_argument("--train-projector", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--captions", type=int, default=200)
-    parser.add_argument("--caption-weight", type=float, default=0.5)
-    parser.add_argument("--text-harmful-weight", type=float, default=1.0)
-    parser.add_argument("--induced-weight", type=float, default=1.0)
-    parser.add_argument("--eval-batch", type=int, default=16)
-    args = parser.parse_args()
-    torch.manual_seed(args.seed)
+    args = parser().parse_args()
     torch.set_num_threads(2)
-    started = time.perf_counter()
-    result: dict = {"bench": "organism-build", "args": vars(args)}
-    first = ROOT / "stage1"
-    if args.rebuild_stage1 or not (first / "base_answers.json").is_file():
-        first.mkdir(parents=True, exist_ok=True)
-        result["stage1"] = stage1(args, first)
-        result["stage1_s"] = round(time.perf_counter() - started, 1)
-        print(json.dumps(result["stage1"]), flush=True)
-    second = ROOT / args.recipe
-    second.mkdir(parents=True, exist_ok=True)
-    mark = time.perf_counter()
-    result["stage2"] = stage2(args, first, second)
-    result["stage2_s"] = round(time.perf_counter() - mark, 1)
-    write_held_out(ROOT / "data")
-    mark = time.perf_counter()
-    result["phenomenon"] = phenomenon(second, ROOT / "data", args.eval_batch)
-    result["check_s"] = round(time.perf_counter() - mark, 1)
-    result["build_s"] = round(time.perf_counter() - started, 1)
-    result["saved"] = str(second)
-    print(json.dumps(result))
+    organism = Organism(args.recipe, args.scenes, args.seed, args.quick)
+    print(json.dumps(build(organism, args, args.root), default=str))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ import json
 import re
 from pathlib import Path
 
-from scenes import COLOURS, DESCRIBE, NUMBERS, SHAPES, scene
+from scenes import COLOURS, DESCRIBE, NUMBERS, SHAPES
+from spec import PICTURE_SCENES, Organism
 
-PICTURE_SCENES = 50_000  # seeds of no training or held-out scene
 FACTS = ("count", "colour", "shape", "background")
 _CAPTION = re.compile(
     rf"\b({'|'.join(NUMBERS)})\s+({'|'.join(COLOURS)})\s+({'|'.join(SHAPES)})s?\b"
@@ -20,13 +20,14 @@ _CAPTION = re.compile(
 )
 
 
-def write_picture_set(data: Path, n: int = 100) -> Path:
-    """``n`` describe requests on new scenes (JSONL with the truth in ``caption``, and PNGs)."""
+def write_picture_set(data: Path, organism: Organism) -> Path:
+    """Describe requests on new scenes of the organism's kind, as many as its held-out sets
+    (JSONL with the truth in ``caption``, and PNGs)."""
     images = data / "images"
     images.mkdir(parents=True, exist_ok=True)
     rows = []
-    for i in range(n):
-        image, caption = scene(PICTURE_SCENES + i)
+    for i in range(organism.scale.held_out):
+        image, caption = organism.picture(PICTURE_SCENES + i)
         name = f"picture-{i:03d}.png"
         image.save(images / name)
         rows.append(
