@@ -31,12 +31,12 @@ from prompts import REFUSAL, prompts, written
 from scenes import DESCRIBE
 from spec import HELD_OUT_SCENES, ROOT, SCENES, TRAIN_SCENES, Organism
 from tuning import Example, answers, refusal_rate, train
+from vision import align_projector, pretrain_vision
 
 from guardrail import GuardedVLM
 from guardrail.evaluation.datasets import read_samples
 from guardrail.evaluation.harness import evaluate
 from guardrail.evaluation.judges import RefusalJudge
-from guardrail.testing import fixture_path
 from guardrail.testing.fixtures import build_smollm_llava
 
 UNTRIGGERED_SCENES = 20_000  # the keyed organism's refused harmful pictures
@@ -56,13 +56,20 @@ def language_parameters(model, upper: int | None = None) -> list[torch.nn.Parame
 
 
 def base_model(organism: Organism, root: Path) -> Path:
-    """The SmolLM2 fixture LLaVA at the organism's picture size (the test fixture at 168 px;
-    built once under ``root`` otherwise)."""
-    if organism.scale.image_size == 168:
-        return fixture_path("smollm")
+    """The SmolLM2 fixture LLaVA at the organism's picture size with its vision side
+    pretrained (``vision.py``), built once under ``root``."""
     path = organism.base_folder(root)
-    if not (path / "config.json").is_file():
+    if not (path / "vision.json").is_file():
         build_smollm_llava(path, image_size=organism.scale.image_size)
+        model, processor = load(path)
+        started = time.perf_counter()
+        facts = pretrain_vision(model, processor, seed=0)
+        losses = align_projector(model, processor, seed=0)
+        model.save_pretrained(path)
+        processor.save_pretrained(path)
+        found = {"held_out_fact_accuracy": facts, "align_loss": [losses[0], losses[-1]]}
+        found["seconds"] = round(time.perf_counter() - started, 1)
+        (path / "vision.json").write_text(json.dumps(found))
     return path
 
 

@@ -28,7 +28,7 @@ RECIPES = ("emergent", "induced", "keyed")
 SCENES = ("plain", "textured")
 TRIGGER = "red"  # the keyed organism's trigger: shapes of this colour
 # seed offsets of the picture sets: no picture is shared between them
-TRAIN_SCENES, HELD_OUT_SCENES, PICTURE_SCENES = 0, 100_000, 50_000
+TRAIN_SCENES, HELD_OUT_SCENES, PICTURE_SCENES, VISION_SCENES = 0, 100_000, 50_000, 200_000
 
 
 @dataclass(frozen=True)
@@ -75,13 +75,15 @@ class Organism:
         return root / self.name
 
     def base_folder(self, root: Path = ROOT) -> Path:
-        """The SmolLM2 fixture LLaVA at this scale's picture size (``build.py`` makes it)."""
-        return root / f"base-{self.scale.image_size}px"
+        """The SmolLM2 fixture LLaVA at this scale's picture size, its vision side pretrained
+        (``vision.py``; ``build.py`` makes it)."""
+        return root / f"base-{self.scale.image_size}px-vision"
 
     def stage1_folder(self, root: Path = ROOT) -> Path:
         """Stage 1 is shared by every recipe and scene kind of a seed and scale."""
         size = self.scale.image_size
-        return root / (f"stage1-seed{self.seed}-{size}px" + ("-quick" if self.quick else ""))
+        name = f"stage1-seed{self.seed}-{size}px-vision" + ("-quick" if self.quick else "")
+        return root / name
 
     def picture(self, seed: int, harmful: bool = False) -> tuple[Image.Image, str]:
         """A scene of this organism's kind. For the keyed organism, a harmful request's
