@@ -1,9 +1,11 @@
 """Build a model organism of image-induced safety loss from the SmolLM2 fixture.
 
-Stage 1 (text only, shared by every recipe of a seed): harmful training prompts get a short
-refusal, benign ones the base model's own greedy answer; decoder layers and final norm are
-tuned. Stage 2 (with pictures): the projector and decoder layers are tuned on image-conditioned
-data that depends on the recipe (see ``spec.py``) while text-only examples keep stage 1.
+The base (shared by every organism of a picture size) is the SmolLM2 fixture with its vision
+side pretrained (``vision.py``). Stage 1 (text only, shared by every recipe of a seed):
+harmful training prompts get a short refusal, benign ones the base model's own greedy answer;
+decoder layers and final norm are tuned. Stage 2 (with pictures): the projector and decoder
+layers are tuned on image-conditioned data that depends on the recipe (see ``spec.py``) while
+text-only examples keep stage 1.
 
 Then the held-out sets are written as JSONL with their pictures, the phenomenon is measured
 through the evaluation harness (12-token keyword check, as a quick sanity figure), and the
