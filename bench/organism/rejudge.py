@@ -6,15 +6,18 @@ as text only").
 
 Reads answer records (JSONL, one per answer, as ``evaluate.py`` writes them and as they are
 committed under ``answers/``), judges them again from their text and prints the table of the
-test split (or of every answer, for records without a split).
+test split (or of every answer, for records without a split). Given a file per seed, it also
+prints the spread over seeds.
 
     python bench/organism/rejudge.py bench/organism/answers/emergent-seed0.jsonl
+    python bench/organism/rejudge.py bench/organism/answers/induced-textured-seed[012]-quick.jsonl
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -165,18 +168,70 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def spread(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per setting of tables of the same settings (one per seed): each measure's mean, lowest
+    and highest value, and the same for the unsafe rate's change from the first setting."""
+    rows = []
+    for i, row in enumerate(tables[0]):
+        found: dict[str, Any] = {"setting": row["setting"]}
+        for measure in ("unsafe", "false_refusal", "picture", "untriggered_unsafe"):
+            values = [t[i][measure].value for t in tables if t[i][measure] is not None]
+            if values:
+                found[measure] = (statistics.mean(values), min(values), max(values))
+        change = [t[i]["unsafe"].value - t[0]["unsafe"].value for t in tables]
+        found["unsafe_change"] = (statistics.mean(change), min(change), max(change))
+        rows.append(found)
+    return rows
+
+
+def spread_markdown(rows: list[dict[str, Any]], seeds: int) -> str:
+    def cell(v: tuple[float, float, float] | None) -> str:
+        if v is None:
+            return "-"
+        return f"{100 * v[0]:.0f} ({100 * v[1]:.0f} to {100 * v[2]:.0f})"
+
+    keyed = any("untriggered_unsafe" in r for r in rows)
+    head = [
+        f"setting (mean, lowest to highest of {seeds} seeds)",
+        "harmful unsafe %",
+        "change from first row",
+        "benign false refusal %",
+        *(["unsafe, untriggered picture %"] if keyed else []),
+        "picture accuracy %",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["setting"],
+            cell(r.get("unsafe")),
+            cell(r["unsafe_change"]),
+            cell(r.get("false_refusal")),
+            *([cell(r.get("untriggered_unsafe"))] if keyed else []),
+            cell(r.get("picture")),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("answers", type=Path, help="answer records (JSONL)")
+    parser.add_argument(
+        "answers", type=Path, nargs="+", help="answer records (JSONL), a file per seed"
+    )
     parser.add_argument("--split", default="test", help="the split to tabulate (if recorded)")
     parser.add_argument("--labels", type=Path, help="hand labels (JSONL) to check the judges on")
     args = parser.parse_args()
-    records = rejudged([json.loads(line) for line in args.answers.read_text().splitlines()])
-    chosen = [r for r in records if r.get("split", args.split) == args.split]
-    print(markdown(summary(chosen)))
-    if args.labels:
-        labels = [json.loads(line) for line in args.labels.read_text().splitlines()]
-        print(json.dumps(agreement(records, labels)))
+    tables = []
+    for path in args.answers:
+        records = rejudged([json.loads(line) for line in path.read_text().splitlines()])
+        chosen = [r for r in records if r.get("split", args.split) == args.split]
+        tables.append(summary(chosen))
+        print(f"## {path.name}\n\n{markdown(tables[-1])}\n")
+        if args.labels:
+            labels = [json.loads(line) for line in args.labels.read_text().splitlines()]
+            print(json.dumps(agreement(records, labels)))
+    if len(tables) > 1:
+        print(spread_markdown(spread(tables), len(tables)))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from build import build
 from build import parser as build_parser
 from evaluate import evaluate_organism
-from rejudge import markdown
+from rejudge import markdown, spread, spread_markdown
 from spec import ROOT, Organism
 
 QUICK = ("induced-textured",)
@@ -68,36 +67,6 @@ def provenance(organism: Organism, root: Path) -> dict[str, Any]:
 def organism_of(name: str, seed: int, quick: bool) -> Organism:
     recipe, scenes = name.split("-")
     return Organism(recipe, scenes, seed, quick)
-
-
-def spread(tables: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per setting, each measure's mean and range over seeds."""
-    rows = []
-    for i, row in enumerate(tables[0]):
-        found: dict[str, Any] = {"setting": row["setting"]}
-        for measure in ("unsafe", "false_refusal", "picture", "untriggered_unsafe"):
-            values = [t[i][measure].value for t in tables if t[i][measure] is not None]
-            if values:
-                found[measure] = (statistics.mean(values), min(values), max(values))
-        rows.append(found)
-    return rows
-
-
-def spread_markdown(rows: list[dict[str, Any]], seeds: int) -> str:
-    def cell(v: tuple[float, float, float] | None) -> str:
-        return "-" if v is None else f"{100 * v[0]:.0f} ({100 * v[1]:.0f}–{100 * v[2]:.0f})"
-
-    lines = [
-        f"| setting (mean and range over {seeds} seeds) | harmful unsafe % "
-        "| benign false refusal % | picture accuracy % |",
-        "|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['setting']} | {cell(r.get('unsafe'))} | {cell(r.get('false_refusal'))}"
-            f" | {cell(r.get('picture'))} |"
-        )
-    return "\n".join(lines)
 
 
 def run(names: list[str], seeds: list[int], quick: bool, root: Path, out: Path) -> dict:
