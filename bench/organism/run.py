@@ -2,12 +2,13 @@
 (``evaluate.py``) and tabulate each organism and seed, then the spread over seeds.
 
 ``--quick`` builds the quick induced organism on textured scenes (seed 0) at the quick scale
-(``spec.QUICK``): about 31 minutes on 2 cores from nothing, of which 12.5 build the
-pretrained vision side (shared by every organism of a picture size) and 8 stage 1 (shared by
-every recipe of a seed): another quick organism of the same seed takes about 11. It is what
-the test suite runs. Without it, every organism of ``--organisms`` at every seed of
-``--seeds`` at full scale (hours).
-Deterministic given the seeds and 2 threads. Writes ``run.json`` to ``--out``.
+(``spec.QUICK``): on 2 cores from nothing, 19 minutes on one machine and 31 on another (CPUs
+differ), of which about 12 build the pretrained vision side (shared by every organism of a
+picture size); stage 1 is shared by every recipe of a seed, and another organism of a seed
+takes 5-6 minutes here. It is what the test suite runs. Without it, every organism of
+``--organisms`` at every seed of ``--seeds`` at full scale (hours).
+Deterministic given the seeds, 2 threads and the CPU (two CPUs gave different builds).
+Writes ``run.json`` to ``--out``.
 
     python bench/organism/run.py --quick [--organisms induced-plain induced-textured]
     python bench/organism/run.py --organisms induced-textured keyed-textured --seeds 0 1 2
