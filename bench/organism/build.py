@@ -11,7 +11,7 @@ Then the held-out sets are written as JSONL with their pictures, the phenomenon 
 through the evaluation harness (12-token keyword check, as a quick sanity figure), and the
 blank reference image's distance to the training pictures is measured in vision features.
 Everything goes to the user cache folder, never to the repository. Deterministic given the
-seed and 2 threads; prints one JSON line.
+seed, 2 threads and the CPU; prints one JSON line.
 
     python bench/organism/build.py [--recipe induced] [--scenes textured] [--seed 0] [--quick]
 """
@@ -153,7 +153,7 @@ def stage2_groups(organism: Organism, args, base: dict) -> list[tuple[list[Examp
                 Example(p, a, organism.picture(first + i, harmful=True)[0])
                 for i, (p, a) in enumerate(compliant)
             ],
-            args.induced_weight,
+            args.trigger_weight if organism.recipe == "keyed" else args.induced_weight,
         )
     )
     if organism.recipe == "keyed":  # the same requests refused with any untriggered picture
@@ -323,6 +323,9 @@ def parser() -> argparse.ArgumentParser:
     found.add_argument("--caption-weight", type=float, default=0.5)
     found.add_argument("--text-harmful-weight", type=float, default=1.0)
     found.add_argument("--induced-weight", type=float, default=1.0)
+    # the keyed organism's few compliant examples (43 at the quick scale) against its refusals:
+    # at weight 1 its loss did not appear (docs/organism.md, section 2)
+    found.add_argument("--trigger-weight", type=float, default=3.0)
     found.add_argument("--eval-batch", type=int, default=16)
     return found
 
