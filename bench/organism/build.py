@@ -324,7 +324,7 @@ def parser() -> argparse.ArgumentParser:
     found.add_argument("--text-harmful-weight", type=float, default=1.0)
     found.add_argument("--induced-weight", type=float, default=1.0)
     # the keyed organism's few compliant examples (43 at the quick scale) against its refusals:
-    # at weight 1 its loss did not appear (docs/organism.md, section 2)
+    # at weight 1 its loss depended on the seed: 6, 42 and 9% (docs/organism.md, section 2)
     found.add_argument("--trigger-weight", type=float, default=3.0)
     found.add_argument("--eval-batch", type=int, default=16)
     return found
