@@ -361,13 +361,13 @@ def main() -> None:
                         "budget": budget,
                         "shown_to": shown_to,
                         "success": rate,
-                        "abs_cos_with_blank_shift": round(sum(along) / len(along), 3),
+                        "rms_cos_with_blank_shift": round(sum(along) / len(along), 3),
                     }
                 )
                 seconds = time.perf_counter() - mark
                 print(
                     f"eps {budget:g}/255, against {name}, shown to {shown_to}: success {rate:.2f}"
-                    f" |cos| {sum(along) / len(along):.2f} ({seconds:.0f} s)",
+                    f" rms cos {sum(along) / len(along):.2f} ({seconds:.0f} s)",
                     flush=True,
                 )
     result["table"] = table
