@@ -272,7 +272,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--root", type=Path, default=ROOT)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--budgets", type=float, nargs="+", default=[8, 255])
     parser.add_argument(
         "--orthogonal", type=float, default=10.0, help="weight of the orthogonality penalty"
