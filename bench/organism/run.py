@@ -2,10 +2,10 @@
 (``evaluate.py``) and tabulate each organism and seed, then the spread over seeds.
 
 ``--quick`` builds the quick induced organism on textured scenes (seed 0) at the quick scale
-(``spec.QUICK``): on 2 cores from nothing, 19 minutes on one machine and 31 on another (CPUs
-differ), of which about 12 build the pretrained vision side (shared by every organism of a
+(``spec.QUICK``): on 2 cores from nothing, 11 minutes on one machine and 31 on another (CPUs
+differ), of which 5 and 12.5 build the pretrained vision side (shared by every organism of a
 picture size); stage 1 is shared by every recipe of a seed, and another organism of a seed
-takes 5-6 minutes here. It is what the test suite runs. Without it, every organism of
+takes 4-6 minutes on the first. It is what the test suite runs. Without it, every organism of
 ``--organisms`` at every seed of ``--seeds`` at full scale (hours).
 Deterministic given the seeds, 2 threads and the CPU (two CPUs gave different builds).
 Writes ``run.json`` to ``--out``.
