@@ -221,15 +221,17 @@ def main() -> None:
     parser.add_argument("--split", default="test", help="the split to tabulate (if recorded)")
     parser.add_argument("--labels", type=Path, help="hand labels (JSONL) to check the judges on")
     args = parser.parse_args()
+    if args.labels and len(args.answers) > 1:
+        parser.error("--labels checks the judges on one answer file")
     tables = []
     for path in args.answers:
         records = rejudged([json.loads(line) for line in path.read_text().splitlines()])
         chosen = [r for r in records if r.get("split", args.split) == args.split]
         tables.append(summary(chosen))
         print(f"## {path.name}\n\n{markdown(tables[-1])}\n")
-        if args.labels:
-            labels = [json.loads(line) for line in args.labels.read_text().splitlines()]
-            print(json.dumps(agreement(records, labels)))
+    if args.labels:
+        labels = [json.loads(line) for line in args.labels.read_text().splitlines()]
+        print(json.dumps(agreement(records, labels)))
     if len(tables) > 1:
         print(spread_markdown(spread(tables), len(tables)))
 
